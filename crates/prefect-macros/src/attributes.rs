@@ -1,0 +1,149 @@
+//! Parsing `name = value` options, where a value may also be a `{"key": value}` map.
+
+use proc_macro2::{Span, TokenStream};
+use quote::quote;
+use syn::parse::{Parse, ParseStream, Parser};
+use syn::punctuated::Punctuated;
+use syn::{Expr, Ident, LitStr, Token, braced};
+
+/// One `name = value` option.
+pub struct Option_ {
+    pub name: Ident,
+    pub value: Value,
+}
+
+/// An option's value.
+pub enum Value {
+    Expr(Expr),
+    Map(Vec<(LitStr, Expr)>),
+}
+
+impl Parse for Option_ {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let name: Ident = input.parse()?;
+        input.parse::<Token![=]>().map_err(|error| {
+            syn::Error::new(error.span(), format!("expected `{name} = <value>`"))
+        })?;
+        let value = if input.peek(syn::token::Brace) {
+            let content;
+            braced!(content in input);
+            let entries = Punctuated::<MapEntry, Token![,]>::parse_terminated(&content)?;
+            Value::Map(
+                entries
+                    .into_iter()
+                    .map(|entry| (entry.key, entry.value))
+                    .collect(),
+            )
+        } else {
+            Value::Expr(input.parse()?)
+        };
+        Ok(Self { name, value })
+    }
+}
+
+struct MapEntry {
+    key: LitStr,
+    value: Expr,
+}
+
+impl Parse for MapEntry {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let key = input.parse()?;
+        input.parse::<Token![:]>()?;
+        Ok(Self {
+            key,
+            value: input.parse()?,
+        })
+    }
+}
+
+/// Parses the options, checking each name against `known`.
+pub fn parse(attr: TokenStream, macro_name: &str, known: &[&str]) -> syn::Result<Vec<Option_>> {
+    let options = Punctuated::<Option_, Token![,]>::parse_terminated.parse2(attr)?;
+    let mut seen: Vec<String> = Vec::new();
+    for option in &options {
+        let name = option.name.to_string();
+        if !known.contains(&name.as_str()) {
+            return Err(syn::Error::new(
+                option.name.span(),
+                format!(
+                    "unknown #[{macro_name}] option `{name}`; expected one of: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if seen.contains(&name) {
+            return Err(syn::Error::new(
+                option.name.span(),
+                format!("option `{name}` is given twice"),
+            ));
+        }
+        seen.push(name);
+    }
+    Ok(options.into_iter().collect())
+}
+
+impl Option_ {
+    pub fn expr(&self) -> syn::Result<&Expr> {
+        match &self.value {
+            Value::Expr(expr) => Ok(expr),
+            Value::Map(_) => Err(syn::Error::new(
+                self.name.span(),
+                format!("`{}` takes a value, not a map", self.name),
+            )),
+        }
+    }
+
+    pub fn string(&self) -> syn::Result<LitStr> {
+        match self.expr()? {
+            Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(text),
+                ..
+            }) => Ok(text.clone()),
+            other => Err(syn::Error::new_spanned(
+                other,
+                format!("`{}` takes a string literal", self.name),
+            )),
+        }
+    }
+
+    /// The value as JSON, for remote options: a map becomes an object.
+    pub fn json(&self) -> TokenStream {
+        match &self.value {
+            Value::Expr(expr) => json_of(expr),
+            Value::Map(entries) => {
+                let inserts = entries.iter().map(|(key, value)| {
+                    let value = json_of(value);
+                    quote! { __map.insert(::std::string::String::from(#key), #value); }
+                });
+                quote! {{
+                    let mut __map = ::prefect::__private::serde_json::Map::new();
+                    #(#inserts)*
+                    ::prefect::__private::serde_json::Value::Object(__map)
+                }}
+            }
+        }
+    }
+
+    /// The value as a list of `f64`: a number, or an array literal of numbers.
+    pub fn seconds_list(&self) -> syn::Result<TokenStream> {
+        Ok(match self.expr()? {
+            Expr::Array(array) => {
+                let items = array.elems.iter();
+                quote! { ::std::vec![#((#items) as f64),*] }
+            }
+            expr => quote! { ::std::vec![(#expr) as f64] },
+        })
+    }
+}
+
+fn json_of(expr: &Expr) -> TokenStream {
+    quote! {
+        ::prefect::__private::serde_json::to_value(&(#expr)).expect("remote option values serialize to JSON")
+    }
+}
+
+/// The error for a wrong use of an attribute, at `span`.
+pub fn error(span: Span, message: impl std::fmt::Display) -> syn::Error {
+    syn::Error::new(span, message)
+}

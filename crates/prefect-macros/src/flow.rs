@@ -1,0 +1,136 @@
+//! `#[flow]`: calling the function runs it as a flow run.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+use crate::attributes;
+use crate::signature::Signature;
+
+const OPTIONS: &[&str] = &[
+    "name",
+    "task_runner",
+    "retries",
+    "retry_delay_seconds",
+    "timeout_seconds",
+];
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let function: ItemFn = syn::parse2(item)?;
+    let options = attributes::parse(attr, "flow", OPTIONS)?;
+    let signature = Signature::of(&function, "flow")?;
+
+    let ident = &function.sig.ident;
+    let mut name = LitStr::new(&ident.to_string().replace('_', "-"), ident.span());
+    let mut runner = quote! { ::prefect::ThreadPoolTaskRunner::new() };
+    let (mut retries, mut retry_delay, mut timeout) = (quote! { 0 }, quote! { 0.0 }, None);
+    for option in &options {
+        match option.name.to_string().as_str() {
+            "name" => name = option.string()?,
+            "task_runner" => {
+                let expr = option.expr()?;
+                runner = quote! { #expr };
+            }
+            "retries" => {
+                let expr = option.expr()?;
+                retries = quote! { #expr };
+            }
+            "retry_delay_seconds" => {
+                let expr = option.expr()?;
+                retry_delay = quote! { (#expr) as f64 };
+            }
+            "timeout_seconds" => timeout = Some(option.expr()?.clone()),
+            _ => unreachable!("options were checked"),
+        }
+    }
+    let has_retries = options.iter().any(|o| o.name == "retries");
+
+    let names = signature.names();
+    let types = signature.types();
+    let value = &signature.value;
+    let parameter_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = format!("::{ident}");
+    let timeout_option = match &timeout {
+        Some(expr) => quote! { ::core::option::Option::Some((#expr) as f64) },
+        None => quote! { ::core::option::Option::None },
+    };
+    let parameter_checks = types.iter().map(|ty| {
+        quote_spanned! { ty.span() => const _: () = ::prefect::__private::assert_flow_parameter::<#ty>(); }
+    });
+
+    let mut inner = function.clone();
+    inner.sig.ident = syn::Ident::new("__prefect_flow_body", ident.span());
+    inner.vis = syn::Visibility::Inherited;
+    inner.attrs.retain(|a| !a.path().is_ident("doc"));
+    let outer_attrs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let vis = &function.vis;
+    let asyncness = &function.sig.asyncness;
+
+    let to_message = quote! { ::std::format!("Flow run encountered an error: {}", error) };
+    let call_inner = if signature.is_async {
+        quote! { __prefect_flow_body(#(#names),*).await }
+    } else {
+        quote! { __prefect_flow_body(#(#names),*) }
+    };
+    let result = signature.into_result(call_inner, to_message);
+    // Each attempt needs its own arguments: cloned when the flow may retry, taken once otherwise.
+    let take_arguments = if has_retries {
+        quote! { let (#(#names,)*) = (#(::core::clone::Clone::clone(&#names),)*); }
+    } else {
+        quote! {
+            let (#(#names,)*) = __arguments.take().expect("a flow without retries runs its function once");
+        }
+    };
+    let hold_arguments = if has_retries {
+        quote! {}
+    } else {
+        quote! { let mut __arguments = ::core::option::Option::Some((#(#names,)*)); }
+    };
+    let body_closure = if signature.is_async {
+        quote! { move || { #take_arguments async move { #result } } }
+    } else {
+        quote! { move || -> ::core::result::Result<#value, ::std::string::String> { #take_arguments #result } }
+    };
+    let run = match (signature.is_async, timeout.is_some()) {
+        (true, _) => {
+            quote! { ::prefect::__private::run_flow_async(&__FLOW, __options, __parameters, #runner, #body_closure).await }
+        }
+        (false, true) => {
+            quote! { ::prefect::__private::run_flow_timed(&__FLOW, __options, __parameters, #runner, #body_closure) }
+        }
+        (false, false) => {
+            quote! { ::prefect::__private::run_flow(&__FLOW, __options, __parameters, #runner, #body_closure) }
+        }
+    };
+
+    Ok(quote! {
+        #(#outer_attrs)*
+        #[allow(clippy::too_many_arguments)]
+        #vis #asyncness fn #ident(#(#names: #types),*) -> ::core::result::Result<#value, ::prefect::FlowError> {
+            #[allow(clippy::too_many_arguments)]
+            #inner
+
+            #(#parameter_checks)*
+
+            static __FLOW: ::prefect::__private::FlowDefinition = ::prefect::__private::FlowDefinition {
+                name: #name,
+                key: ::core::concat!(::core::module_path!(), #key),
+            };
+            let mut __parameter_map = ::prefect::__private::serde_json::Map::new();
+            #( __parameter_map.insert(::std::string::String::from(#parameter_names), ::prefect::__private::parameter_json(&#names)); )*
+            let __parameters = ::prefect::__private::serde_json::Value::Object(__parameter_map);
+            let __options = ::prefect::FlowOptions {
+                retries: #retries,
+                retry_delay_seconds: #retry_delay,
+                timeout_seconds: #timeout_option,
+            };
+            #hold_arguments
+            #run
+        }
+    })
+}

@@ -1,0 +1,374 @@
+//! `#[task]`: a function becomes a registered task with `submit`, `map` and direct calls.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+use crate::attributes::{self, Option_};
+use crate::signature::{Signature, fingerprint};
+
+const OPTIONS: &[&str] = &[
+    "name",
+    "retries",
+    "retry_delay_seconds",
+    "retry_jitter_factor",
+    "timeout_seconds",
+    "tags",
+    "task_run_name",
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "max_retries",
+    "resources",
+    "remote_options",
+];
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let function: ItemFn = syn::parse2(item)?;
+    let options = attributes::parse(attr, "task", OPTIONS)?;
+    let signature = Signature::of(&function, "task")?;
+
+    let vis = &function.vis;
+    let ident = &function.sig.ident;
+    let docs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let other_attrs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|a| !a.path().is_ident("doc"))
+        .collect();
+    let handle_type = format_ident!("__prefect_task_{}", ident);
+    let definition = format_ident!("__PREFECT_TASK_{}", ident.to_string().to_uppercase());
+    let original = format_ident!("__prefect_task_fn_{}", ident);
+
+    let mut name = LitStr::new(&ident.to_string(), ident.span());
+    let mut run_name_template = None;
+    let mut settings = Vec::new();
+    for option in &options {
+        let key = option.name.to_string();
+        match key.as_str() {
+            "name" => name = option.string()?,
+            "task_run_name" => run_name_template = Some(option.string()?),
+            "retries" => {
+                let value = option.expr()?;
+                settings.push(quote! { __options.retries = #value; });
+            }
+            "retry_delay_seconds" => {
+                let value = option.seconds_list()?;
+                settings.push(quote! { __options.retry_delay_seconds = #value; });
+            }
+            "retry_jitter_factor" => {
+                let value = option.expr()?;
+                settings.push(quote! { __options.retry_jitter_factor = ::core::option::Option::Some((#value) as f64); });
+            }
+            "timeout_seconds" => {
+                let value = option.expr()?;
+                settings.push(quote! { __options.timeout_seconds = ::core::option::Option::Some((#value) as f64); });
+            }
+            "tags" => {
+                let value = option.expr()?;
+                settings.push(quote! {
+                    __options.tags = ::core::iter::IntoIterator::into_iter(#value).map(|tag| ::std::string::ToString::to_string(&tag)).collect();
+                });
+            }
+            "remote_options" => {
+                let attributes::Value::Map(entries) = &option.value else {
+                    return Err(attributes::error(
+                        option.name.span(),
+                        "`remote_options` takes a map: remote_options = {\"option\": value}",
+                    ));
+                };
+                for (key, value) in entries {
+                    let single = Option_ {
+                        name: option.name.clone(),
+                        value: attributes::Value::Expr(value.clone()),
+                    };
+                    let json = single.json();
+                    settings.push(quote! { __options.remote_options.insert(::std::string::String::from(#key), #json); });
+                }
+            }
+            remote => {
+                let json = option.json();
+                settings.push(quote! { __options.remote_options.insert(::std::string::String::from(#remote), #json); });
+            }
+        }
+    }
+
+    let names = signature.names();
+    let types = signature.types();
+    let value = &signature.value;
+    let key = format!("::{ident}");
+    let fingerprint = fingerprint(&function);
+    let parameter_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+
+    let (run_name, used) = match &run_name_template {
+        Some(template) => {
+            let (function, used) = run_name_function(template, &parameter_names)?;
+            (quote! { ::core::option::Option::Some(#function) }, used)
+        }
+        None => (
+            quote! { ::core::option::Option::None },
+            vec![false; names.len()],
+        ),
+    };
+    let shows: Vec<TokenStream> = signature
+        .parameters
+        .iter()
+        .zip(&used)
+        .map(|(parameter, used)| {
+            let ty = &parameter.ty;
+            if *used {
+                quote_spanned! { run_name_template.as_ref().map_or(Span::call_site(), |t| t.span()) =>
+                    ::core::option::Option::Some(&|__value: &#ty| ::std::string::ToString::to_string(__value))
+                }
+            } else {
+                quote! { ::core::option::Option::<&dyn ::core::ops::Fn(&#ty) -> ::std::string::String>::None }
+            }
+        })
+        .collect();
+
+    let generics: Vec<_> = (0..names.len())
+        .map(|i| format_ident!("__A{}", i))
+        .collect();
+    let checks = types.iter().map(|ty| {
+        quote_spanned! { ty.span() => const _: () = ::prefect::__private::assert_task_value::<#ty>(); }
+    });
+    let value_check = quote_spanned! { value.span() => const _: () = ::prefect::__private::assert_task_value::<#value>(); };
+
+    let decode = quote! {
+        let mut __decoder = ::prefect::__private::ArgDecoder::new(&#definition, __payload)?;
+        #( let #names: #types = __decoder.next(#parameter_names)?; )*
+    };
+    let to_failure = quote! { ::prefect::__private::error_failure(&error) };
+    let (body, body_kind, call_method, direct_output, direct_call) = if signature.is_async {
+        let result = signature.into_result(quote! { #original(#(#names),*).await }, to_failure);
+        (
+            quote! {
+                fn __body(__payload: ::std::vec::Vec<u8>) -> ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure>> + ::core::marker::Send>> {
+                    ::std::boxed::Box::pin(async move {
+                        let __payload = &__payload[..];
+                        #decode
+                        let __value: #value = #result?;
+                        ::prefect::__private::encode_value(&#definition, &__value)
+                    })
+                }
+            },
+            quote! { Async },
+            quote! {
+                /// Runs the task now, as a task run, and resolves to its value.
+                pub fn call(&self, #(#names: #types),*) -> ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<#value, ::prefect::TaskError>> + ::core::marker::Send>> {
+                    let mut __call = self.task.call();
+                    #( __call.arg(#parameter_names, #names, #shows); )*
+                    let __run = self.task.run_inline_async(__call);
+                    ::std::boxed::Box::pin(async move { ::prefect::PrefectFuture::<#value>::from_handle(__run.await).result() })
+                }
+            },
+            quote! { ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<#value, ::prefect::TaskError>> + ::core::marker::Send>> },
+            quote! { #ident.call(#(#names),*) },
+        )
+    } else {
+        let result = signature.into_result(quote! { #original(#(#names),*) }, to_failure);
+        (
+            quote! {
+                fn __body(__payload: &[u8]) -> ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure> {
+                    #decode
+                    let __value: #value = #result?;
+                    ::prefect::__private::encode_value(&#definition, &__value)
+                }
+            },
+            quote! { Sync },
+            quote! {
+                /// Runs the task now, on this thread, as a task run, and returns its value.
+                pub fn call(&self, #(#names: #types),*) -> ::core::result::Result<#value, ::prefect::TaskError> {
+                    let mut __call = self.task.call();
+                    #( __call.arg(#parameter_names, #names, #shows); )*
+                    ::prefect::PrefectFuture::<#value>::from_handle(self.task.run_inline(__call)).result()
+                }
+            },
+            quote! { ::core::result::Result<#value, ::prefect::TaskError> },
+            quote! { #ident.call(#(#names),*) },
+        )
+    };
+
+    let mut original_function = function.clone();
+    original_function.sig.ident = original.clone();
+    original_function.vis = syn::Visibility::Inherited;
+    original_function.attrs = other_attrs.into_iter().cloned().collect();
+
+    Ok(quote! {
+        #[allow(non_snake_case, clippy::too_many_arguments)]
+        #original_function
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Debug)]
+        #vis struct #handle_type {
+            task: ::prefect::Task,
+        }
+
+        #(#docs)*
+        #[allow(non_upper_case_globals)]
+        #vis const #ident: #handle_type = #handle_type { task: ::prefect::Task::new(&#definition) };
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        #[::prefect::__private::linkme::distributed_slice(::prefect::__private::TASKS)]
+        #[linkme(crate = ::prefect::__private::linkme)]
+        static #definition: ::prefect::__private::TaskDefinition = ::prefect::__private::TaskDefinition {
+            name: #name,
+            key: ::core::concat!(::core::module_path!(), #key),
+            fingerprint: #fingerprint,
+            parameters: &[#(#parameter_names),*],
+            options: #handle_type::__options,
+            run_name: #run_name,
+            body: ::prefect::__private::TaskBody::#body_kind(#handle_type::__body),
+        };
+
+        #(#checks)*
+        #value_check
+
+        #[allow(dead_code, clippy::too_many_arguments)]
+        impl #handle_type {
+            fn __options() -> ::prefect::TaskOptions {
+                #[allow(unused_mut)]
+                let mut __options = ::prefect::TaskOptions::default();
+                #(#settings)*
+                __options
+            }
+
+            #body
+
+            /// Submits a run of the task to the flow's task runner and returns its future at
+            /// once. Each argument is a value or a future of the parameter's type.
+            pub fn submit<#(#generics: ::prefect::IntoArg<#types>),*>(&self, #(#names: #generics),*) -> ::prefect::PrefectFuture<#value> {
+                let mut __call = self.task.call();
+                #( __call.arg(#parameter_names, #names, #shows); )*
+                ::prefect::PrefectFuture::from_handle(self.task.submit(__call))
+            }
+
+            /// Submits one run per element of the iterable arguments, zipped; arguments
+            /// wrapped in `unmapped(...)` go whole to every run.
+            ///
+            /// # Panics
+            ///
+            /// If the iterables have different lengths, or none is given.
+            pub fn map<#(#generics: ::prefect::IntoMapArg<#types>),*>(&self, #(#names: #generics),*) -> ::std::vec::Vec<::prefect::PrefectFuture<#value>> {
+                let mut __mapping = self.task.mapping();
+                #( __mapping.arg::<#types>(#parameter_names, #names, #shows); )*
+                __mapping.submit().into_iter().map(::prefect::PrefectFuture::from_handle).collect()
+            }
+
+            #call_method
+
+            /// The same task with changed options for the runs submitted through it.
+            pub fn with_options(&self, change: impl ::core::ops::FnOnce(&mut ::prefect::TaskOptions)) -> Self {
+                Self { task: self.task.with_options(change) }
+            }
+
+            /// The same task, whose runs first wait for these futures to finish.
+            pub fn wait_for(&self, futures: impl ::prefect::WaitFor) -> Self {
+                Self { task: self.task.wait_for(futures) }
+            }
+
+            /// The task's display name.
+            pub fn name(&self) -> &'static str {
+                self.task.definition().name
+            }
+
+            /// The key the task is registered under.
+            pub fn key(&self) -> &'static str {
+                self.task.definition().key
+            }
+
+            /// The engine's view of this task.
+            pub fn task(&self) -> &::prefect::Task {
+                &self.task
+            }
+        }
+
+        impl ::core::ops::Deref for #handle_type {
+            type Target = fn(#(#types),*) -> #direct_output;
+
+            fn deref(&self) -> &Self::Target {
+                #[allow(clippy::too_many_arguments)]
+                fn __direct(#(#names: #types),*) -> #direct_output {
+                    #direct_call
+                }
+                &(__direct as fn(#(#types),*) -> #direct_output)
+            }
+        }
+    })
+}
+
+/// A function that renders the run name template from the arguments' texts, and which
+/// parameters it uses.
+fn run_name_function(
+    template: &LitStr,
+    parameters: &[String],
+) -> syn::Result<(TokenStream, Vec<bool>)> {
+    let text = template.value();
+    let mut format = String::new();
+    let mut arguments = Vec::new();
+    let mut used = vec![false; parameters.len()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                format.push_str("{{");
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                format.push_str("}}");
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(c) => name.push(c),
+                        None => {
+                            return Err(syn::Error::new(
+                                template.span(),
+                                "unclosed `{` in task_run_name",
+                            ));
+                        }
+                    }
+                }
+                let Some(index) = parameters.iter().position(|p| *p == name.trim()) else {
+                    return Err(syn::Error::new(
+                        template.span(),
+                        format!(
+                            "task_run_name refers to `{{{name}}}`, which is not a parameter; the parameters are: {}",
+                            parameters.join(", ")
+                        ),
+                    ));
+                };
+                used[index] = true;
+                format.push_str("{}");
+                arguments.push(index);
+            }
+            '}' => {
+                return Err(syn::Error::new(
+                    template.span(),
+                    "unmatched `}` in task_run_name; write `}}` for a brace",
+                ));
+            }
+            c => format.push(c),
+        }
+    }
+    let format = LitStr::new(&format, template.span());
+    Ok((
+        quote! {{
+            fn __run_name(__texts: &[::std::string::String]) -> ::std::string::String {
+                ::std::format!(#format, #(__texts[#arguments]),*)
+            }
+            __run_name
+        }},
+        used,
+    ))
+}

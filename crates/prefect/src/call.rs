@@ -1,0 +1,404 @@
+//! What `#[task]` exposes: call a task, submit it, map it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::args::{Arg, ArgsBuilder, IntoArg, IntoMapArg, MapArg};
+use crate::context::{self, FlowRunContext};
+use crate::future::PrefectFuture;
+use crate::observe::TaskRunInfo;
+use crate::options::TaskOptions;
+use crate::registry::TaskDefinition;
+use crate::runner::TaskRunSpec;
+use crate::state::State;
+use crate::task_engine;
+use crate::task_run::{ResultData, TaskRunHandle};
+
+/// A task with the options its runs will use: what `#[task]` turns a function into.
+///
+/// The code `#[task]` generates wraps one of these and adds typed `submit`, `map` and
+/// `call` methods; the methods here are shared by every task.
+#[derive(Clone, Debug)]
+pub struct Task {
+    definition: &'static TaskDefinition,
+    options: Option<Arc<TaskOptions>>,
+    wait_for: Vec<TaskRunHandle>,
+}
+
+impl Task {
+    /// The task defined by `definition`, with its attribute's options.
+    pub const fn new(definition: &'static TaskDefinition) -> Self {
+        Self {
+            definition,
+            options: None,
+            wait_for: Vec::new(),
+        }
+    }
+
+    /// The task's definition.
+    pub fn definition(&self) -> &'static TaskDefinition {
+        self.definition
+    }
+
+    /// The options its runs will use.
+    pub fn options(&self) -> TaskOptions {
+        match &self.options {
+            Some(options) => (**options).clone(),
+            None => (self.definition.options)(),
+        }
+    }
+
+    /// The same task with changed options, for the runs submitted through it.
+    pub fn with_options(&self, change: impl FnOnce(&mut TaskOptions)) -> Self {
+        let mut options = self.options();
+        change(&mut options);
+        Self {
+            options: Some(Arc::new(options)),
+            ..self.clone()
+        }
+    }
+
+    /// The same task, whose runs also wait for `futures` to finish (without taking their values).
+    pub fn wait_for(&self, futures: impl WaitFor) -> Self {
+        let mut task = self.clone();
+        futures.add_to(&mut task.wait_for);
+        task
+    }
+
+    /// Starts collecting the arguments of one run.
+    pub fn call(&self) -> TaskCall {
+        TaskCall {
+            args: ArgsBuilder::default(),
+            descriptions: Vec::new(),
+        }
+    }
+
+    /// Starts collecting the arguments of a `map`.
+    pub fn mapping(&self) -> Mapping {
+        Mapping {
+            task: self.clone(),
+            columns: Vec::new(),
+        }
+    }
+
+    /// Hands a run to the current flow's runner and returns its handle at once.
+    pub fn submit(&self, call: TaskCall) -> TaskRunHandle {
+        let context = context::current_or_standalone();
+        match self.prepare(&context, call) {
+            Ok(spec) => {
+                let run = spec.run.clone();
+                context.runner.submit(spec);
+                run
+            }
+            Err(run) => run,
+        }
+    }
+
+    /// Runs a run now, on this thread, and returns its handle once it has finished.
+    pub fn run_inline(&self, call: TaskCall) -> TaskRunHandle {
+        let context = context::current_or_standalone();
+        match self.prepare(&context, call) {
+            Ok(spec) => {
+                spec.dependencies().for_each(|run| {
+                    run.wait(None);
+                });
+                task_engine::run_here(&spec);
+                spec.run
+            }
+            Err(run) => run,
+        }
+    }
+
+    /// Runs a run now, as a future that finishes with it.
+    pub fn run_inline_async(
+        &self,
+        call: TaskCall,
+    ) -> impl Future<Output = TaskRunHandle> + Send + 'static {
+        let context = context::current_or_standalone();
+        let prepared = self.prepare(&context, call);
+        async move {
+            let spec = match prepared {
+                Ok(spec) => spec,
+                Err(run) => return run,
+            };
+            for run in spec.dependencies() {
+                context::Finished(run.clone()).await;
+            }
+            if let Some(state) = spec.upstream_failure() {
+                spec.run.finish(state, None);
+                return spec.run;
+            }
+            let payload = match spec.local_payload() {
+                Ok(payload) => payload,
+                Err(error) => {
+                    spec.run.finish(State::not_ready(error.to_string()), None);
+                    return spec.run;
+                }
+            };
+            let reporter = spec.run.clone();
+            let execution = task_engine::execute_async(
+                spec.run.task(),
+                payload,
+                spec.options.clone(),
+                spec.run.span().clone(),
+                move |state| reporter.set_state(state),
+            )
+            .await;
+            spec.run.finish(
+                execution.state,
+                execution
+                    .result
+                    .map(|bytes| ResultData::Inline(Arc::new(bytes))),
+            );
+            spec.run
+        }
+    }
+
+    /// Creates the run: names it, registers it with the flow run, and describes it to
+    /// observers. A run whose arguments could not be serialized ends `Failed` at once.
+    fn prepare(
+        &self,
+        context: &Arc<FlowRunContext>,
+        call: TaskCall,
+    ) -> Result<TaskRunSpec, TaskRunHandle> {
+        let definition = self.definition;
+        let options = self.options();
+        let id = Uuid::new_v4();
+        let name = match definition.run_name {
+            Some(template) => template(&call.descriptions),
+            None => format!("{}-{}", definition.name, &id.simple().to_string()[..3]),
+        };
+        let TaskCall {
+            args:
+                ArgsBuilder {
+                    args,
+                    upstreams,
+                    error,
+                },
+            ..
+        } = call;
+        let info = TaskRunInfo {
+            id,
+            name,
+            task_name: definition.name.to_owned(),
+            task_key: format!(
+                "{}-{}",
+                definition.key,
+                &definition.fingerprint[..8.min(definition.fingerprint.len())]
+            ),
+            dynamic_key: context.next_dynamic_key(definition.key),
+            flow_run_id: context.info.as_ref().map(|info| info.id),
+            tags: options.tags.clone(),
+            inputs: inputs(definition, &args, &upstreams, &self.wait_for),
+            retries: options.retries,
+            retry_delay_seconds: options.retry_delay_seconds.clone(),
+            created: Utc::now(),
+        };
+        let run = TaskRunHandle::new(info, definition, &context.span);
+        {
+            let _entered = context.span.enter();
+            tracing::debug!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", run.name(), definition.name);
+        }
+        context.tracker.track(&run);
+        if let Some(error) = error {
+            run.finish(
+                State::failed(format!(
+                    "could not send the arguments of task '{}': {error}",
+                    definition.name
+                )),
+                None,
+            );
+            return Err(run);
+        }
+        Ok(TaskRunSpec {
+            run,
+            args,
+            upstreams,
+            wait_for: self.wait_for.clone(),
+            options,
+        })
+    }
+}
+
+/// For each parameter, the upstream runs that feed it; wait-fors under `wait_for`.
+fn inputs(
+    definition: &TaskDefinition,
+    args: &[Arg],
+    upstreams: &[TaskRunHandle],
+    wait_for: &[TaskRunHandle],
+) -> Vec<(String, Vec<Uuid>)> {
+    fn collect(arg: &Arg, upstreams: &[TaskRunHandle], out: &mut Vec<Uuid>) {
+        match arg {
+            Arg::Value(_) => {}
+            Arg::Upstream(index) => out.push(upstreams[*index].id()),
+            Arg::List(items) => items.iter().for_each(|item| collect(item, upstreams, out)),
+        }
+    }
+    let mut inputs: Vec<(String, Vec<Uuid>)> = definition
+        .parameters
+        .iter()
+        .zip(args)
+        .map(|(parameter, arg)| {
+            let mut ids = Vec::new();
+            collect(arg, upstreams, &mut ids);
+            ((*parameter).to_owned(), ids)
+        })
+        .collect();
+    if !wait_for.is_empty() {
+        inputs.push((
+            "wait_for".to_owned(),
+            wait_for.iter().map(TaskRunHandle::id).collect(),
+        ));
+    }
+    inputs
+}
+
+/// The arguments of one run, collected parameter by parameter.
+pub struct TaskCall {
+    args: ArgsBuilder,
+    descriptions: Vec<String>,
+}
+
+impl TaskCall {
+    /// Adds the next parameter's argument. `show` renders it for the task run name
+    /// template, when the template uses this parameter.
+    pub fn arg<T, A: IntoArg<T>>(
+        &mut self,
+        parameter: &str,
+        argument: A,
+        show: Option<&dyn Fn(&T) -> String>,
+    ) {
+        self.descriptions
+            .push(show.map(|show| argument.describe(show)).unwrap_or_default());
+        self.args.push(parameter, argument.into_arg());
+    }
+}
+
+/// The arguments of a `map`, collected parameter by parameter.
+pub struct Mapping {
+    task: Task,
+    columns: Vec<(&'static str, MapArg)>,
+}
+
+impl Mapping {
+    /// Adds the next parameter's arguments. `show` renders them for the task run name
+    /// template, when the template uses this parameter.
+    pub fn arg<T>(
+        &mut self,
+        parameter: &'static str,
+        argument: impl IntoMapArg<T>,
+        show: Option<&dyn Fn(&T) -> String>,
+    ) {
+        self.columns.push((parameter, argument.into_map_arg(show)));
+    }
+
+    /// Submits one run per element, zipping the mapped parameters.
+    ///
+    /// # Panics
+    ///
+    /// If the mapped iterables have different lengths, or no parameter is mapped.
+    pub fn submit(self) -> Vec<TaskRunHandle> {
+        let lengths: Vec<(&str, usize)> = self
+            .columns
+            .iter()
+            .filter_map(|(parameter, column)| match column {
+                MapArg::Each(items) => Some((*parameter, items.len())),
+                MapArg::Shared(..) => None,
+            })
+            .collect();
+        let Some(&(first, count)) = lengths.first() else {
+            panic!(
+                "map of task '{}' got no iterable argument: pass at least one iterable, and wrap constants in unmapped(...)",
+                self.task.definition.name
+            );
+        };
+        if let Some(&(other, other_count)) = lengths.iter().find(|(_, len)| *len != count) {
+            panic!(
+                "map of task '{}' got iterables of different lengths: '{first}' has {count} item(s) but '{other}' has {other_count}; pass iterables of equal length, or wrap constants in unmapped(...)",
+                self.task.definition.name
+            );
+        }
+        let mut columns: Vec<_> = self
+            .columns
+            .into_iter()
+            .map(|(parameter, column)| match column {
+                MapArg::Each(items) => (parameter, Err(items.into_iter())),
+                MapArg::Shared(piece, description) => (parameter, Ok((piece, description))),
+            })
+            .collect();
+        (0..count)
+            .map(|_| {
+                let mut call = self.task.call();
+                for (parameter, column) in &mut columns {
+                    let (piece, description) = match column {
+                        Ok((piece, description)) => (piece.clone(), description.clone()),
+                        Err(items) => items.next().expect("lengths were checked"),
+                    };
+                    call.descriptions.push(description);
+                    call.args.push(parameter, piece);
+                }
+                self.task.submit(call)
+            })
+            .collect()
+    }
+}
+
+/// Futures a run can wait for: one future or a reference to one, a `Vec`, slice or array
+/// of them, or a tuple of any of those (futures of different types).
+pub trait WaitFor {
+    /// Adds the runs behind these futures to `runs`.
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>);
+}
+
+impl<T> WaitFor for PrefectFuture<T> {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        runs.push(self.handle().clone());
+    }
+}
+
+impl<T> WaitFor for &PrefectFuture<T> {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        runs.push(self.handle().clone());
+    }
+}
+
+impl<T> WaitFor for &[PrefectFuture<T>] {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        runs.extend(self.iter().map(|future| future.handle().clone()));
+    }
+}
+
+impl<T> WaitFor for &Vec<PrefectFuture<T>> {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        self.as_slice().add_to(runs);
+    }
+}
+
+impl<T> WaitFor for Vec<PrefectFuture<T>> {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        self.as_slice().add_to(runs);
+    }
+}
+
+impl<W: WaitFor, const N: usize> WaitFor for [W; N] {
+    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+        self.into_iter().for_each(|w| w.add_to(runs));
+    }
+}
+
+macro_rules! wait_for_tuples {
+    ($(($($name:ident),+))*) => {$(
+        impl<$($name: WaitFor),+> WaitFor for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+                let ($($name,)+) = self;
+                $($name.add_to(runs);)+
+            }
+        }
+    )*};
+}
+
+wait_for_tuples! { (A) (A, B) (A, B, C) (A, B, C, D) (A, B, C, D, E) (A, B, C, D, E, F) }

@@ -1,0 +1,199 @@
+//! Which flow run the current code belongs to.
+//!
+//! Like Prefect's context variables: a thread-local stack of flow runs (a subflow pushes on
+//! top of its parent), carried into async flows by wrapping their futures.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use crate::observe::FlowRunInfo;
+use crate::runner::TaskRunner;
+use crate::task_run::{TaskRunHandle, WeakTaskRun};
+use crate::thread_pool::ThreadPoolTaskRunner;
+
+/// A flow run in progress: its runner and the task runs it created.
+pub(crate) struct FlowRunContext {
+    /// `None` for task runs created outside any flow.
+    pub(crate) info: Option<FlowRunInfo>,
+    pub(crate) span: tracing::Span,
+    pub(crate) runner: Arc<dyn TaskRunner>,
+    pub(crate) tracker: Arc<RunTracker>,
+    dynamic_keys: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl FlowRunContext {
+    pub(crate) fn new(
+        info: Option<FlowRunInfo>,
+        span: tracing::Span,
+        runner: Arc<dyn TaskRunner>,
+    ) -> Self {
+        Self {
+            info,
+            span,
+            runner,
+            tracker: Arc::default(),
+            dynamic_keys: Mutex::default(),
+        }
+    }
+
+    /// "0", "1", ...: which run of the task this is within the flow run.
+    pub(crate) fn next_dynamic_key(&self, task_key: &'static str) -> String {
+        let mut keys = self.dynamic_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let next = keys.entry(task_key).or_insert(0);
+        *next += 1;
+        (*next - 1).to_string()
+    }
+}
+
+thread_local! {
+    static STACK: RefCell<Vec<Arc<FlowRunContext>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The innermost flow run on this thread.
+pub(crate) fn current() -> Option<Arc<FlowRunContext>> {
+    STACK.with(|stack| stack.borrow().last().cloned())
+}
+
+/// The current flow run, or the context of task runs made outside any flow, which run on
+/// a thread pool of their own.
+pub(crate) fn current_or_standalone() -> Arc<FlowRunContext> {
+    static STANDALONE: OnceLock<Arc<FlowRunContext>> = OnceLock::new();
+    current().unwrap_or_else(|| {
+        STANDALONE
+            .get_or_init(|| {
+                crate::logging::init();
+                Arc::new(FlowRunContext::new(
+                    None,
+                    tracing::Span::none(),
+                    Arc::new(ThreadPoolTaskRunner::new()),
+                ))
+            })
+            .clone()
+    })
+}
+
+/// Makes `context` current on this thread until dropped.
+pub(crate) struct Entered(());
+
+pub(crate) fn enter(context: Arc<FlowRunContext>) -> Entered {
+    STACK.with(|stack| stack.borrow_mut().push(context));
+    Entered(())
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        STACK.with(|stack| stack.borrow_mut().pop());
+    }
+}
+
+/// A future that runs with `context` current on whatever thread polls it.
+pub(crate) struct WithContext<F> {
+    pub(crate) context: Arc<FlowRunContext>,
+    pub(crate) future: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for WithContext<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _entered = enter(self.context.clone());
+        let _span = self.context.span.clone().entered();
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// The task runs of a flow run: how many are unfinished, and which are still referenced.
+#[derive(Default)]
+pub(crate) struct RunTracker {
+    state: Mutex<Tracked>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct Tracked {
+    runs: Vec<WeakTaskRun>,
+    unfinished: usize,
+}
+
+impl RunTracker {
+    pub(crate) fn track(self: &Arc<Self>, run: &TaskRunHandle) {
+        {
+            let mut tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if tracked.runs.len() == tracked.runs.capacity() && tracked.runs.len() >= 1024 {
+                tracked.runs.retain(|weak| weak.upgrade().is_some());
+            }
+            tracked.runs.push(run.downgrade());
+            tracked.unfinished += 1;
+        }
+        let tracker = self.clone();
+        run.on_finish(move |_| {
+            let mut tracked = tracker.state.lock().unwrap_or_else(|p| p.into_inner());
+            tracked.unfinished -= 1;
+            if tracked.unfinished == 0 {
+                tracker.idle.notify_all();
+            }
+        });
+    }
+
+    /// Waits until every tracked run has finished.
+    pub(crate) fn wait_idle(&self) {
+        let mut tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while tracked.unfinished > 0 {
+            tracked = self.idle.wait(tracked).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits, without blocking the thread, until every tracked run has finished.
+    pub(crate) async fn wait_idle_async(&self) {
+        loop {
+            let unfinished: Vec<TaskRunHandle> = {
+                let tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if tracked.unfinished == 0 {
+                    return;
+                }
+                tracked
+                    .runs
+                    .iter()
+                    .filter_map(WeakTaskRun::upgrade)
+                    .filter(|run| !run.is_finished())
+                    .collect()
+            };
+            if unfinished.is_empty() {
+                return;
+            }
+            for run in unfinished {
+                Finished(run).await;
+            }
+        }
+    }
+
+    /// The runs that futures still refer to: those the flow returned or kept.
+    pub(crate) fn live_runs(&self) -> Vec<TaskRunHandle> {
+        let tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        tracked
+            .runs
+            .iter()
+            .filter_map(WeakTaskRun::upgrade)
+            .filter(TaskRunHandle::has_futures)
+            .collect()
+    }
+}
+
+/// Resolves when a task run has finished.
+pub(crate) struct Finished(pub(crate) TaskRunHandle);
+
+impl Future for Finished {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.poll_finished(cx.waker()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}

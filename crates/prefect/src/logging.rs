@@ -1,0 +1,235 @@
+//! Logging through `tracing`, attributed to flow runs and task runs, Prefect-style:
+//!
+//! ```text
+//! 19:20:01.123 | INFO    | Task run 'shout-3f2' - Finished in state Completed()
+//! ```
+//!
+//! Every flow run and task run has a span (`flow_run` / `task_run`, with fields `name` and
+//! `id`); events inside are attributed to the innermost one. When the program has installed
+//! no subscriber, the first flow run installs a readable one on stderr, filtered by `RUST_LOG`
+//! or `PREFECT_LOGGING_LEVEL` (default `info`). A program with its own subscriber adds
+//! [`layer`] to it, and [`PrefectFormat`] if it likes the format.
+
+use std::fmt::{self, Write as _};
+use std::sync::Once;
+
+use chrono::Utc;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use uuid::Uuid;
+
+use crate::observe::{self, LogRecord};
+
+/// Which run a span stands for.
+#[derive(Clone, Debug)]
+struct RunLabel {
+    is_task: bool,
+    name: String,
+    id: Option<Uuid>,
+}
+
+impl RunLabel {
+    fn subject(&self) -> String {
+        let kind = if self.is_task { "Task run" } else { "Flow run" };
+        format!("{kind} '{}'", self.name)
+    }
+}
+
+#[derive(Default)]
+struct LabelVisitor {
+    name: Option<String>,
+    id: Option<Uuid>,
+}
+
+impl Visit for LabelVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record_debug(field, &value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        let text = text.trim_matches('"').to_owned();
+        match field.name() {
+            "name" => self.name = Some(text),
+            "id" => self.id = text.parse().ok(),
+            _ => {}
+        }
+    }
+}
+
+/// The message of an event, with its other fields appended as `key=value`.
+#[derive(Default)]
+struct MessageVisitor(String, String);
+
+impl Visit for MessageVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            let _ = write!(self.1, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.1, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl MessageVisitor {
+    fn of(event: &Event<'_>) -> String {
+        let mut visitor = Self::default();
+        event.record(&mut visitor);
+        visitor.0 + &visitor.1
+    }
+}
+
+/// Remembers which spans stand for runs, and hands log lines inside runs to the run
+/// observers (how logs reach a Prefect server).
+struct RunLayer;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let name = attrs.metadata().name();
+        if name != "task_run" && name != "flow_run" {
+            return;
+        }
+        let mut visitor = LabelVisitor::default();
+        attrs.record(&mut visitor);
+        if let (Some(span), Some(run_name)) = (ctx.span(id), visitor.name) {
+            span.extensions_mut().insert(RunLabel {
+                is_task: name == "task_run",
+                name: run_name,
+                id: visitor.id,
+            });
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        if !observe::active() {
+            return;
+        }
+        let (mut task_run_id, mut flow_run_id) = (None, None);
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope {
+                if let Some(label) = span.extensions().get::<RunLabel>() {
+                    match label.is_task {
+                        true if task_run_id.is_none() && flow_run_id.is_none() => {
+                            task_run_id = label.id
+                        }
+                        false if flow_run_id.is_none() => flow_run_id = label.id,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if task_run_id.is_none() && flow_run_id.is_none() {
+            return;
+        }
+        observe::log(&LogRecord {
+            logger: event.metadata().target().replace("::", "."),
+            level: *event.metadata().level(),
+            message: MessageVisitor::of(event),
+            timestamp: Utc::now(),
+            flow_run_id,
+            task_run_id,
+        });
+    }
+}
+
+/// The layer that attributes events to runs and reports them to observers; add it to your
+/// own subscriber.
+///
+/// # Examples
+///
+/// ```
+/// use tracing_subscriber::prelude::*;
+///
+/// let subscriber = tracing_subscriber::registry()
+///     .with(prefect::logging::layer())
+///     .with(tracing_subscriber::fmt::layer().event_format(prefect::logging::PrefectFormat));
+/// tracing::subscriber::with_default(subscriber, || {
+///     tracing::info!("attributed to the enclosing run, if any");
+/// });
+/// ```
+pub fn layer<S: Subscriber + for<'a> LookupSpan<'a>>() -> impl Layer<S> {
+    RunLayer
+}
+
+/// Prefect's console format: `HH:MM:SS.mmm | LEVEL   | Task run 'name' - message`.
+pub struct PrefectFormat;
+
+impl<S, N> FormatEvent<S, N> for PrefectFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let subject = ctx
+            .event_scope()
+            .and_then(|scope| {
+                scope
+                    .into_iter()
+                    .find_map(|span| span.extensions().get::<RunLabel>().map(RunLabel::subject))
+            })
+            .unwrap_or_else(|| event.metadata().target().replace("::", "."));
+        let level = match *event.metadata().level() {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARNING",
+            Level::INFO => "INFO",
+            Level::DEBUG => "DEBUG",
+            Level::TRACE => "TRACE",
+        };
+        let time = chrono::Local::now().format("%H:%M:%S%.3f");
+        writeln!(
+            writer,
+            "{time} | {level:<7} | {subject} - {}",
+            MessageVisitor::of(event)
+        )
+    }
+}
+
+/// Installs the readable default subscriber, unless the program has installed one.
+/// Called by the engine before the first flow run; calling it again does nothing.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if tracing::dispatcher::has_been_set() {
+            return;
+        }
+        let directives = std::env::var("RUST_LOG")
+            .or_else(|_| {
+                std::env::var("PREFECT_LOGGING_LEVEL")
+                    .map(|level| level.to_lowercase().replace("warning", "warn"))
+            })
+            .unwrap_or_else(|_| "info".to_owned());
+        let filter: tracing_subscriber::filter::Targets = directives.parse().unwrap_or_else(|_| {
+            tracing_subscriber::filter::Targets::new().with_default(Level::INFO)
+        });
+        let spans_and_info = tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() || *meta.level() <= Level::INFO
+        });
+        let subscriber = tracing_subscriber::registry()
+            .with(RunLayer.with_filter(spans_and_info))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(PrefectFormat)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            );
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}

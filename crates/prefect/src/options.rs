@@ -1,0 +1,182 @@
+//! Options of tasks and flows: retries, delays, timeouts, tags, remote options.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// How a task's runs behave: retries, timeouts, tags, and the resources it asks of a runner.
+///
+/// `#[task(...)]` sets these for every run of a task; `task.with_options(...)` changes them
+/// for the runs submitted through the returned handle. They travel with each task run, so a
+/// runner in another process applies the same retries and timeout.
+///
+/// # Examples
+///
+/// ```
+/// use prefect::TaskOptions;
+///
+/// let options = TaskOptions::default()
+///     .retries(2)
+///     .retry_delay_seconds([1.0, 10.0])
+///     .timeout_seconds(30.0)
+///     .tag("io");
+/// assert_eq!(options.retries, 2);
+/// assert_eq!(options.retry_delay(1).as_secs_f64(), 1.0);
+/// assert_eq!(options.retry_delay(5).as_secs_f64(), 10.0);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskOptions {
+    /// How many times a failed run is tried again.
+    pub retries: u32,
+    /// Seconds to wait before each retry: the first value before the first retry, and so on;
+    /// the last value is used for every later retry. Empty means no wait.
+    pub retry_delay_seconds: Vec<f64>,
+    /// Spread retries of many runs apart: each delay is drawn at random around its value, up
+    /// to `delay * (1 + factor)` (Prefect's clamped Poisson interval).
+    pub retry_jitter_factor: Option<f64>,
+    /// Seconds one attempt may take before it fails with a timeout.
+    pub timeout_seconds: Option<f64>,
+    /// Tags of the task's runs, shown and filterable in Prefect's UI.
+    pub tags: Vec<String>,
+    /// Resources and placement asked of a runner that schedules on a cluster, such as Ray's
+    /// `num_cpus`, `num_gpus`, `memory` or `resources`. The engine only carries them; each runner
+    /// documents the keys it understands.
+    pub remote_options: Map<String, Value>,
+}
+
+impl TaskOptions {
+    /// These options with `retries` retries.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// These options with these retry delays, in seconds.
+    pub fn retry_delay_seconds(mut self, delays: impl IntoIterator<Item = f64>) -> Self {
+        self.retry_delay_seconds = delays.into_iter().collect();
+        self
+    }
+
+    /// These options with a retry jitter factor.
+    pub fn retry_jitter_factor(mut self, factor: f64) -> Self {
+        self.retry_jitter_factor = Some(factor);
+        self
+    }
+
+    /// These options with a timeout per attempt, in seconds.
+    pub fn timeout_seconds(mut self, seconds: f64) -> Self {
+        self.timeout_seconds = Some(seconds);
+        self
+    }
+
+    /// These options with one more tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// These options with one more remote option, for runners that understand it.
+    pub fn remote_option(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.remote_options.insert(key.into(), value.into());
+        self
+    }
+
+    /// The timeout of one attempt, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_seconds.map(Duration::from_secs_f64)
+    }
+
+    /// How long to wait before retry number `retry` (1 for the first retry), jitter included.
+    pub fn retry_delay(&self, retry: u32) -> Duration {
+        let index =
+            (retry.max(1) as usize - 1).min(self.retry_delay_seconds.len().saturating_sub(1));
+        let base = self
+            .retry_delay_seconds
+            .get(index)
+            .copied()
+            .unwrap_or(0.0)
+            .max(0.0);
+        let seconds = match self.retry_jitter_factor {
+            Some(factor) if factor > 0.0 && base > 0.0 => clamped_poisson_interval(base, factor),
+            _ => base,
+        };
+        Duration::from_secs_f64(seconds)
+    }
+}
+
+/// A random interval around `average` seconds, between a lower bound and
+/// `average * (1 + clamping_factor)`: Prefect's jitter, so many runs retried at once spread out.
+fn clamped_poisson_interval(average: f64, clamping_factor: f64) -> f64 {
+    let upper_multiple = 1.0 + clamping_factor;
+    let upper_bound = average * upper_multiple;
+    let lower_bound = (average * lower_clamp_multiple(upper_multiple)).max(0.0);
+    let cdf = |x: f64| 1.0 - (-x / average).exp();
+    let (low, high) = (cdf(lower_bound), cdf(upper_bound));
+    let uniform = low + (high - low) * rand::random::<f64>();
+    -(1.0 - uniform).max(1e-10).ln() * average
+}
+
+/// The lower bound's multiple of the average that keeps the distribution's mean at the average.
+fn lower_clamp_multiple(upper_multiple: f64) -> f64 {
+    if upper_multiple >= 50.0 {
+        0.0
+    } else {
+        let power = 2f64.powf(upper_multiple);
+        (power / (power - 1.0)).max(1e-10).log2()
+    }
+}
+
+/// How a flow's runs behave: retries and timeout.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlowOptions {
+    /// How many times a failed flow run is run again.
+    pub retries: u32,
+    /// Seconds to wait before each retry of the flow run.
+    pub retry_delay_seconds: f64,
+    /// Seconds the flow function may run before the flow run fails with a timeout.
+    pub timeout_seconds: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_use_the_last_value_for_later_retries() {
+        let options = TaskOptions::default().retry_delay_seconds([1.0, 2.0]);
+        let delays: Vec<f64> = (1..=4)
+            .map(|r| options.retry_delay(r).as_secs_f64())
+            .collect();
+        assert_eq!(delays, [1.0, 2.0, 2.0, 2.0]);
+        assert_eq!(TaskOptions::default().retry_delay(1), Duration::ZERO);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_clamps_and_varies() {
+        let options = TaskOptions::default()
+            .retry_delay_seconds([10.0])
+            .retry_jitter_factor(0.5);
+        let draws: Vec<f64> = (0..500)
+            .map(|_| options.retry_delay(1).as_secs_f64())
+            .collect();
+        assert!(
+            draws.iter().all(|d| *d <= 15.0 + 1e-9 && *d >= 0.0),
+            "{draws:?}"
+        );
+        let distinct = draws
+            .iter()
+            .map(|d| d.to_bits())
+            .collect::<std::collections::HashSet<_>>();
+        assert!(
+            distinct.len() > 400,
+            "jitter should spread delays, got {} distinct",
+            distinct.len()
+        );
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!(
+            (6.0..=14.0).contains(&mean),
+            "mean {mean} should stay near the base delay"
+        );
+    }
+}
