@@ -64,6 +64,12 @@ impl Signature {
                             format!("the parameters of a {what} must be plain names"),
                         ));
                     }
+                    if let (Type::Reference(reference), "task") = (typed.ty.as_ref(), what) {
+                        return Err(syn::Error::new(
+                            reference.span(),
+                            "task parameters must be owned values, because arguments travel to other processes: take `String` instead of `&str`, `Vec<T>` instead of `&[T]`",
+                        ));
+                    }
                     if let Type::ImplTrait(_) = typed.ty.as_ref() {
                         return Err(syn::Error::new(
                             typed.ty.span(),

@@ -1,0 +1,67 @@
+//! The runner contract: a task runs in another process from nothing but its registered key,
+//! its fingerprint and its serialized arguments, as the Ray runner's executors run it.
+
+use std::process::Command;
+
+use prefect::args::{Arg, assemble};
+use prefect::registry;
+use prefect::{TaskOptions, task};
+
+#[task]
+fn scale(values: Vec<u32>, factor: u32) -> Vec<u32> {
+    values.iter().map(|v| v * factor).collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+}
+
+/// The other process: finds the task by key, checks its fingerprint, runs it.
+#[test]
+#[ignore = "run by a_task_runs_in_another_process_from_its_key_and_bytes"]
+fn child_executes_a_task_by_key() {
+    let key = std::env::var("TASK_KEY").unwrap();
+    let payload = unhex(&std::env::var("TASK_PAYLOAD").unwrap());
+    let task = registry::lookup(&key).expect("the task is registered in this binary");
+    assert_eq!(task.fingerprint, std::env::var("TASK_FINGERPRINT").unwrap());
+    let execution = prefect::task_engine::execute(task, payload, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+    assert!(execution.state.is_completed(), "{}", execution.state);
+    println!("RESULT={}", hex(&execution.result.unwrap()));
+}
+
+#[test]
+fn a_task_runs_in_another_process_from_its_key_and_bytes() {
+    let definition = scale.task().definition();
+    let values = rmp_serde::to_vec(&vec![1u32, 2, 3]).unwrap();
+    let factor = rmp_serde::to_vec(&10u32).unwrap();
+    // The first argument comes from an "upstream" result, as a runner fills it in.
+    let payload = assemble(&[Arg::Upstream(0), Arg::Value(factor)], &[&values]);
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_executes_a_task_by_key", "--ignored", "--nocapture"])
+        .env("TASK_KEY", definition.key)
+        .env("TASK_FINGERPRINT", definition.fingerprint)
+        .env("TASK_PAYLOAD", hex(&payload))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let result = stdout.lines().find_map(|line| line.strip_prefix("RESULT=")).expect("the child printed a result");
+    let value: Vec<u32> = rmp_serde::from_slice(&unhex(result)).unwrap();
+    assert_eq!(value, [10, 20, 30]);
+}
+
+#[test]
+fn undecodable_arguments_name_the_task_and_parameter() {
+    let definition = scale.task().definition();
+    let payload = assemble(&[Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])], &[]);
+    let mut states = Vec::new();
+    let execution = prefect::task_engine::execute(definition, payload, &TaskOptions::default().retries(3), &tracing::Span::none(), &mut |s| states.push(s.name));
+    assert!(execution.state.is_failed());
+    assert_eq!(states, ["Running"], "a payload that cannot decode is not retried");
+    let message = execution.state.message.unwrap();
+    assert!(message.contains("parameter 'values' of task 'scale'"), "{message}");
+}

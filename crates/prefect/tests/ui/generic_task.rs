@@ -1,0 +1,6 @@
+#[prefect::task]
+fn identity<T: Clone>(value: T) -> T {
+    value
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+struct Handle;
+
+#[prefect::task]
+fn open() -> Handle {
+    Handle
+}
+
+fn main() {}

@@ -1,0 +1,100 @@
+//! `cargo xtask <command>`: the project's set-up, demo, tests and benchmarks.
+//!
+//! Every command installs what it needs first (Python virtual environments with the pinned
+//! Ray and Prefect), so each works on a fresh clone.
+
+mod python;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Tasks of prefect-ray for Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Creates .venv with the pinned Ray (and, with --prefect, .venv-prefect with Prefect).
+    Setup {
+        /// Also set up the Prefect server environment used by tests and benchmarks.
+        #[arg(long)]
+        prefect: bool,
+    },
+    /// Runs the count_to flow on a temporary Ray instance.
+    Demo,
+    /// Checks formatting and lints, then runs every test against real Ray and Prefect.
+    Test {
+        /// Extra arguments for the test runner (a test name filter, say).
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Task::Setup { prefect } => setup(prefect),
+        Task::Demo => demo(),
+        Task::Test { args } => test(&args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn setup(prefect: bool) -> Result {
+    python::ray_venv(&root())?;
+    if prefect {
+        python::prefect_venv(&root())?;
+    }
+    Ok(())
+}
+
+fn demo() -> Result {
+    python::ray_venv(&root())?;
+    run(cargo().args(["run", "--quiet", "-p", "prefect-ray", "--example", "count_to"]))
+}
+
+fn test(args: &[String]) -> Result {
+    python::ray_venv(&root())?;
+    python::prefect_venv(&root())?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    if has_nextest() {
+        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))?;
+    } else {
+        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
+    }
+    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))
+}
+
+fn has_nextest() -> bool {
+    Command::new("cargo").args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+/// Runs a command, failing with its command line if it fails.
+fn run(command: &mut Command) -> Result {
+    let status = command.status().map_err(|e| format!("could not run {command:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{command:?} failed with {status}")) }
+}
