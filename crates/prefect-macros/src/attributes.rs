@@ -21,19 +21,14 @@ pub enum Value {
 impl Parse for Option_ {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let name: Ident = input.parse()?;
-        input.parse::<Token![=]>().map_err(|error| {
-            syn::Error::new(error.span(), format!("expected `{name} = <value>`"))
-        })?;
+        input
+            .parse::<Token![=]>()
+            .map_err(|error| syn::Error::new(error.span(), format!("expected `{name} = <value>`")))?;
         let value = if input.peek(syn::token::Brace) {
             let content;
             braced!(content in input);
             let entries = Punctuated::<MapEntry, Token![,]>::parse_terminated(&content)?;
-            Value::Map(
-                entries
-                    .into_iter()
-                    .map(|entry| (entry.key, entry.value))
-                    .collect(),
-            )
+            Value::Map(entries.into_iter().map(|entry| (entry.key, entry.value)).collect())
         } else {
             Value::Expr(input.parse()?)
         };
@@ -50,10 +45,7 @@ impl Parse for MapEntry {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let key = input.parse()?;
         input.parse::<Token![:]>()?;
-        Ok(Self {
-            key,
-            value: input.parse()?,
-        })
+        Ok(Self { key, value: input.parse()? })
     }
 }
 
@@ -66,17 +58,11 @@ pub fn parse(attr: TokenStream, macro_name: &str, known: &[&str]) -> syn::Result
         if !known.contains(&name.as_str()) {
             return Err(syn::Error::new(
                 option.name.span(),
-                format!(
-                    "unknown #[{macro_name}] option `{name}`; expected one of: {}",
-                    known.join(", ")
-                ),
+                format!("unknown #[{macro_name}] option `{name}`; expected one of: {}", known.join(", ")),
             ));
         }
         if seen.contains(&name) {
-            return Err(syn::Error::new(
-                option.name.span(),
-                format!("option `{name}` is given twice"),
-            ));
+            return Err(syn::Error::new(option.name.span(), format!("option `{name}` is given twice")));
         }
         seen.push(name);
     }
@@ -87,23 +73,16 @@ impl Option_ {
     pub fn expr(&self) -> syn::Result<&Expr> {
         match &self.value {
             Value::Expr(expr) => Ok(expr),
-            Value::Map(_) => Err(syn::Error::new(
-                self.name.span(),
-                format!("`{}` takes a value, not a map", self.name),
-            )),
+            Value::Map(_) => {
+                Err(syn::Error::new(self.name.span(), format!("`{}` takes a value, not a map", self.name)))
+            }
         }
     }
 
     pub fn string(&self) -> syn::Result<LitStr> {
         match self.expr()? {
-            Expr::Lit(syn::ExprLit {
-                lit: syn::Lit::Str(text),
-                ..
-            }) => Ok(text.clone()),
-            other => Err(syn::Error::new_spanned(
-                other,
-                format!("`{}` takes a string literal", self.name),
-            )),
+            Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(text), .. }) => Ok(text.clone()),
+            other => Err(syn::Error::new_spanned(other, format!("`{}` takes a string literal", self.name))),
         }
     }
 

@@ -8,13 +8,7 @@ use syn::{ItemFn, LitStr};
 use crate::attributes;
 use crate::signature::Signature;
 
-const OPTIONS: &[&str] = &[
-    "name",
-    "task_runner",
-    "retries",
-    "retry_delay_seconds",
-    "timeout_seconds",
-];
+const OPTIONS: &[&str] = &["name", "task_runner", "retries", "retry_delay_seconds", "timeout_seconds"];
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
@@ -63,11 +57,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     inner.sig.ident = syn::Ident::new("__prefect_flow_body", ident.span());
     inner.vis = syn::Visibility::Inherited;
     inner.attrs.retain(|a| !a.path().is_ident("doc"));
-    let outer_attrs: Vec<_> = function
-        .attrs
-        .iter()
-        .filter(|a| a.path().is_ident("doc"))
-        .collect();
+    let outer_attrs: Vec<_> = function.attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
     let vis = &function.vis;
     let asyncness = &function.sig.asyncness;
 

@@ -16,9 +16,7 @@ use proc_macro::TokenStream;
 /// `resources = {"name": amount}`, and `remote_options = {"any_option": value}`.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
-    task::expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    task::expand(attr.into(), item.into()).unwrap_or_else(syn::Error::into_compile_error).into()
 }
 
 /// Turns a function into a flow: calling it runs it as a flow run, on its task runner, and
@@ -28,7 +26,5 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// `retry_delay_seconds` and `timeout_seconds`.
 #[proc_macro_attribute]
 pub fn flow(attr: TokenStream, item: TokenStream) -> TokenStream {
-    flow::expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    flow::expand(attr.into(), item.into()).unwrap_or_else(syn::Error::into_compile_error).into()
 }

@@ -33,10 +33,7 @@ impl Signature {
             ));
         }
         if let Some(variadic) = &sig.variadic {
-            return Err(syn::Error::new(
-                variadic.span(),
-                format!("a {what} cannot be variadic"),
-            ));
+            return Err(syn::Error::new(variadic.span(), format!("a {what} cannot be variadic")));
         }
         let mut parameters = Vec::new();
         for input in &sig.inputs {
@@ -53,9 +50,7 @@ impl Signature {
                     let Pat::Ident(ident) = typed.pat.as_ref() else {
                         return Err(syn::Error::new(
                             typed.pat.span(),
-                            format!(
-                                "the parameters of a {what} must be plain names, such as `value: u32`"
-                            ),
+                            format!("the parameters of a {what} must be plain names, such as `value: u32`"),
                         ));
                     };
                     if ident.by_ref.is_some() || ident.subpat.is_some() {
@@ -73,15 +68,10 @@ impl Signature {
                     if let Type::ImplTrait(_) = typed.ty.as_ref() {
                         return Err(syn::Error::new(
                             typed.ty.span(),
-                            format!(
-                                "the parameters of a {what} need concrete types, not `impl Trait`"
-                            ),
+                            format!("the parameters of a {what} need concrete types, not `impl Trait`"),
                         ));
                     }
-                    parameters.push(Parameter {
-                        name: ident.ident.clone(),
-                        ty: (*typed.ty).clone(),
-                    });
+                    parameters.push(Parameter { name: ident.ident.clone(), ty: (*typed.ty).clone() });
                 }
             }
         }
@@ -92,12 +82,7 @@ impl Signature {
                 None => ((**ty).clone(), false),
             },
         };
-        Ok(Self {
-            parameters,
-            value,
-            fallible,
-            is_async: sig.asyncness.is_some(),
-        })
+        Ok(Self { parameters, value, fallible, is_async: sig.asyncness.is_some() })
     }
 
     pub fn names(&self) -> Vec<&syn::Ident> {
@@ -139,8 +124,8 @@ fn ok_type(ty: &Type) -> Option<Type> {
 /// A stable hash of the function's code: FNV-1a over its tokens.
 pub fn fingerprint(function: &ItemFn) -> String {
     let text = function.to_token_stream().to_string();
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = text
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
     format!("{hash:016x}")
 }

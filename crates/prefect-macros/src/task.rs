@@ -31,16 +31,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
 
     let vis = &function.vis;
     let ident = &function.sig.ident;
-    let docs: Vec<_> = function
-        .attrs
-        .iter()
-        .filter(|a| a.path().is_ident("doc"))
-        .collect();
-    let other_attrs: Vec<_> = function
-        .attrs
-        .iter()
-        .filter(|a| !a.path().is_ident("doc"))
-        .collect();
+    let docs: Vec<_> = function.attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+    let other_attrs: Vec<_> = function.attrs.iter().filter(|a| !a.path().is_ident("doc")).collect();
     let handle_type = format_ident!("__prefect_task_{}", ident);
     let definition = format_ident!("__PREFECT_TASK_{}", ident.to_string().to_uppercase());
     let original = format_ident!("__prefect_task_fn_{}", ident);
@@ -63,7 +55,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             }
             "retry_jitter_factor" => {
                 let value = option.expr()?;
-                settings.push(quote! { __options.retry_jitter_factor = ::core::option::Option::Some((#value) as f64); });
+                settings
+                    .push(quote! { __options.retry_jitter_factor = ::core::option::Option::Some((#value) as f64); });
             }
             "timeout_seconds" => {
                 let value = option.expr()?;
@@ -83,12 +76,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     ));
                 };
                 for (key, value) in entries {
-                    let single = Option_ {
-                        name: option.name.clone(),
-                        value: attributes::Value::Expr(value.clone()),
-                    };
+                    let single = Option_ { name: option.name.clone(), value: attributes::Value::Expr(value.clone()) };
                     let json = single.json();
-                    settings.push(quote! { __options.remote_options.insert(::std::string::String::from(#key), #json); });
+                    settings
+                        .push(quote! { __options.remote_options.insert(::std::string::String::from(#key), #json); });
                 }
             }
             remote => {
@@ -110,10 +101,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             let (function, used) = run_name_function(template, &parameter_names)?;
             (quote! { ::core::option::Option::Some(#function) }, used)
         }
-        None => (
-            quote! { ::core::option::Option::None },
-            vec![false; names.len()],
-        ),
+        None => (quote! { ::core::option::Option::None }, vec![false; names.len()]),
     };
     let shows: Vec<TokenStream> = signature
         .parameters
@@ -131,13 +119,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         })
         .collect();
 
-    let generics: Vec<_> = (0..names.len())
-        .map(|i| format_ident!("__A{}", i))
-        .collect();
+    let generics: Vec<_> = (0..names.len()).map(|i| format_ident!("__A{}", i)).collect();
     let checks = types.iter().map(|ty| {
         quote_spanned! { ty.span() => const _: () = ::prefect::__private::assert_task_value::<#ty>(); }
     });
-    let value_check = quote_spanned! { value.span() => const _: () = ::prefect::__private::assert_task_value::<#value>(); };
+    let value_check =
+        quote_spanned! { value.span() => const _: () = ::prefect::__private::assert_task_value::<#value>(); };
 
     let decode = quote! {
         let mut __decoder = ::prefect::__private::ArgDecoder::new(&#definition, __payload)?;
@@ -306,10 +293,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
 
 /// A function that renders the run name template from the arguments' texts, and which
 /// parameters it uses.
-fn run_name_function(
-    template: &LitStr,
-    parameters: &[String],
-) -> syn::Result<(TokenStream, Vec<bool>)> {
+fn run_name_function(template: &LitStr, parameters: &[String]) -> syn::Result<(TokenStream, Vec<bool>)> {
     let text = template.value();
     let mut format = String::new();
     let mut arguments = Vec::new();
@@ -332,10 +316,7 @@ fn run_name_function(
                         Some('}') => break,
                         Some(c) => name.push(c),
                         None => {
-                            return Err(syn::Error::new(
-                                template.span(),
-                                "unclosed `{` in task_run_name",
-                            ));
+                            return Err(syn::Error::new(template.span(), "unclosed `{` in task_run_name"));
                         }
                     }
                 }
@@ -353,10 +334,7 @@ fn run_name_function(
                 arguments.push(index);
             }
             '}' => {
-                return Err(syn::Error::new(
-                    template.span(),
-                    "unmatched `}` in task_run_name; write `}}` for a brace",
-                ));
+                return Err(syn::Error::new(template.span(), "unmatched `}` in task_run_name; write `}}` for a brace"));
             }
             c => format.push(c),
         }

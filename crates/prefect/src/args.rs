@@ -35,11 +35,7 @@ pub struct ArgPiece {
 impl ArgPiece {
     fn value<T: Serialize + ?Sized>(value: &T) -> Self {
         match rmp_serde::to_vec_named(value) {
-            Ok(bytes) => Self {
-                arg: Arg::Value(bytes),
-                upstreams: Vec::new(),
-                error: None,
-            },
+            Ok(bytes) => Self { arg: Arg::Value(bytes), upstreams: Vec::new(), error: None },
             Err(error) => Self {
                 arg: Arg::Value(Vec::new()),
                 upstreams: Vec::new(),
@@ -49,24 +45,13 @@ impl ArgPiece {
     }
 
     fn upstream(run: &TaskRunHandle) -> Self {
-        Self {
-            arg: Arg::Upstream(0),
-            upstreams: vec![run.clone()],
-            error: None,
-        }
+        Self { arg: Arg::Upstream(0), upstreams: vec![run.clone()], error: None }
     }
 
     fn list(pieces: impl IntoIterator<Item = ArgPiece>) -> Self {
         let mut args = ArgsBuilder::default();
-        let items = pieces
-            .into_iter()
-            .map(|piece| args.add_piece(piece))
-            .collect();
-        Self {
-            arg: Arg::List(items),
-            upstreams: args.upstreams,
-            error: args.error,
-        }
+        let items = pieces.into_iter().map(|piece| args.add_piece(piece)).collect();
+        Self { arg: Arg::List(items), upstreams: args.upstreams, error: args.error }
     }
 }
 
@@ -153,10 +138,7 @@ impl<T> IntoArg<T> for &PrefectFuture<T> {
 }
 
 fn describe_futures<'a, T: 'a>(futures: impl IntoIterator<Item = &'a PrefectFuture<T>>) -> String {
-    let names: Vec<_> = futures
-        .into_iter()
-        .map(|f| f.handle().name().to_owned())
-        .collect();
+    let names: Vec<_> = futures.into_iter().map(|f| f.handle().name().to_owned()).collect();
     format!("[{}]", names.join(", "))
 }
 
@@ -286,20 +268,12 @@ impl ArgsBuilder {
         if self.error.is_none() {
             self.error = piece.error;
         }
-        let offsets: Vec<usize> = piece
-            .upstreams
-            .iter()
-            .map(|run| self.upstream_index(run))
-            .collect();
+        let offsets: Vec<usize> = piece.upstreams.iter().map(|run| self.upstream_index(run)).collect();
         renumber(piece.arg, &offsets)
     }
 
     fn upstream_index(&mut self, run: &TaskRunHandle) -> usize {
-        match self
-            .upstreams
-            .iter()
-            .position(|known| known.id() == run.id())
-        {
+        match self.upstreams.iter().position(|known| known.id() == run.id()) {
             Some(index) => index,
             None => {
                 self.upstreams.push(run.clone());
@@ -313,12 +287,7 @@ fn renumber(arg: Arg, offsets: &[usize]) -> Arg {
     match arg {
         Arg::Value(bytes) => Arg::Value(bytes),
         Arg::Upstream(index) => Arg::Upstream(offsets[index]),
-        Arg::List(items) => Arg::List(
-            items
-                .into_iter()
-                .map(|item| renumber(item, offsets))
-                .collect(),
-        ),
+        Arg::List(items) => Arg::List(items.into_iter().map(|item| renumber(item, offsets)).collect()),
     }
 }
 
@@ -345,12 +314,7 @@ pub fn assemble(args: &[Arg], upstream_results: &[&[u8]]) -> Vec<u8> {
         match arg {
             Arg::Value(bytes) => bytes.len(),
             Arg::Upstream(index) => upstream_results[*index].len(),
-            Arg::List(items) => {
-                5 + items
-                    .iter()
-                    .map(|item| size(item, upstream_results))
-                    .sum::<usize>()
-            }
+            Arg::List(items) => 5 + items.iter().map(|item| size(item, upstream_results)).sum::<usize>(),
         }
     }
     fn write(out: &mut Vec<u8>, arg: &Arg, upstream_results: &[&[u8]]) {
@@ -358,21 +322,16 @@ pub fn assemble(args: &[Arg], upstream_results: &[&[u8]]) -> Vec<u8> {
             Arg::Value(bytes) => out.extend_from_slice(bytes),
             Arg::Upstream(index) => out.extend_from_slice(upstream_results[*index]),
             Arg::List(items) => {
-                rmp::encode::write_array_len(out, items.len() as u32)
-                    .expect("writing to a Vec cannot fail");
+                rmp::encode::write_array_len(out, items.len() as u32).expect("writing to a Vec cannot fail");
                 for item in items {
                     write(out, item, upstream_results);
                 }
             }
         }
     }
-    let total = 5 + args
-        .iter()
-        .map(|arg| size(arg, upstream_results))
-        .sum::<usize>();
+    let total = 5 + args.iter().map(|arg| size(arg, upstream_results)).sum::<usize>();
     let mut out = Vec::with_capacity(total);
-    rmp::encode::write_array_len(&mut out, args.len() as u32)
-        .expect("writing to a Vec cannot fail");
+    rmp::encode::write_array_len(&mut out, args.len() as u32).expect("writing to a Vec cannot fail");
     for arg in args {
         write(&mut out, arg, upstream_results);
     }
@@ -428,15 +387,9 @@ impl<'a> ArgDecoder<'a> {
 }
 
 /// Serializes a task's value; used by the code `#[task]` generates.
-pub fn encode_value<T: Serialize>(
-    task: &TaskDefinition,
-    value: &T,
-) -> Result<Vec<u8>, TaskFailure> {
+pub fn encode_value<T: Serialize>(task: &TaskDefinition, value: &T) -> Result<Vec<u8>, TaskFailure> {
     rmp_serde::to_vec_named(value).map_err(|error| {
-        TaskFailure::permanent(format!(
-            "could not serialize the value returned by task '{}': {error}",
-            task.name
-        ))
+        TaskFailure::permanent(format!("could not serialize the value returned by task '{}': {error}", task.name))
     })
 }
 
@@ -461,10 +414,7 @@ mod serde_bytes_compat {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(byte) = seq.next_element()? {
                     out.push(byte);
@@ -483,15 +433,9 @@ mod tests {
     #[test]
     fn assemble_fills_upstream_slots_inside_lists() {
         let value = |v: u32| Arg::Value(rmp_serde::to_vec(&v).unwrap());
-        let upstream = [
-            rmp_serde::to_vec(&7u32).unwrap(),
-            rmp_serde::to_vec(&9u32).unwrap(),
-        ];
+        let upstream = [rmp_serde::to_vec(&7u32).unwrap(), rmp_serde::to_vec(&9u32).unwrap()];
         let refs: Vec<&[u8]> = upstream.iter().map(Vec::as_slice).collect();
-        let args = [
-            value(1),
-            Arg::List(vec![Arg::Upstream(1), value(3), Arg::Upstream(0)]),
-        ];
+        let args = [value(1), Arg::List(vec![Arg::Upstream(1), value(3), Arg::Upstream(0)])];
         let payload = assemble(&args, &refs);
         let decoded: (u32, Vec<u32>) = rmp_serde::from_slice(&payload).unwrap();
         assert_eq!(decoded, (1, vec![9, 3, 7]));
@@ -501,10 +445,7 @@ mod tests {
     fn args_round_trip_as_messagepack_with_binary_values() {
         let args = vec![Arg::Value(vec![1, 2, 3]), Arg::List(vec![Arg::Upstream(2)])];
         let bytes = rmp_serde::to_vec(&args).unwrap();
-        assert!(
-            bytes.windows(2).any(|w| w == [0xc4, 3]),
-            "values travel as msgpack bin"
-        );
+        assert!(bytes.windows(2).any(|w| w == [0xc4, 3]), "values travel as msgpack bin");
         let back: Vec<Arg> = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(back, args);
     }

@@ -31,11 +31,7 @@ pub struct Task {
 impl Task {
     /// The task defined by `definition`, with its attribute's options.
     pub const fn new(definition: &'static TaskDefinition) -> Self {
-        Self {
-            definition,
-            options: None,
-            wait_for: Vec::new(),
-        }
+        Self { definition, options: None, wait_for: Vec::new() }
     }
 
     /// The task's definition.
@@ -55,10 +51,7 @@ impl Task {
     pub fn with_options(&self, change: impl FnOnce(&mut TaskOptions)) -> Self {
         let mut options = self.options();
         change(&mut options);
-        Self {
-            options: Some(Arc::new(options)),
-            ..self.clone()
-        }
+        Self { options: Some(Arc::new(options)), ..self.clone() }
     }
 
     /// The same task, whose runs also wait for `futures` to finish (without taking their values).
@@ -70,18 +63,12 @@ impl Task {
 
     /// Starts collecting the arguments of one run.
     pub fn call(&self) -> TaskCall {
-        TaskCall {
-            args: ArgsBuilder::default(),
-            descriptions: Vec::new(),
-        }
+        TaskCall { args: ArgsBuilder::default(), descriptions: Vec::new() }
     }
 
     /// Starts collecting the arguments of a `map`.
     pub fn mapping(&self) -> Mapping {
-        Mapping {
-            task: self.clone(),
-            columns: Vec::new(),
-        }
+        Mapping { task: self.clone(), columns: Vec::new() }
     }
 
     /// Hands a run to the current flow's runner and returns its handle at once.
@@ -113,10 +100,7 @@ impl Task {
     }
 
     /// Runs a run now, as a future that finishes with it.
-    pub fn run_inline_async(
-        &self,
-        call: TaskCall,
-    ) -> impl Future<Output = TaskRunHandle> + Send + 'static {
+    pub fn run_inline_async(&self, call: TaskCall) -> impl Future<Output = TaskRunHandle> + Send + 'static {
         let context = context::current_or_standalone();
         let prepared = self.prepare(&context, call);
         async move {
@@ -147,48 +131,28 @@ impl Task {
                 move |state| reporter.set_state(state),
             )
             .await;
-            spec.run.finish(
-                execution.state,
-                execution
-                    .result
-                    .map(|bytes| ResultData::Inline(Arc::new(bytes))),
-            );
+            spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
             spec.run
         }
     }
 
     /// Creates the run: names it, registers it with the flow run, and describes it to
     /// observers. A run whose arguments could not be serialized ends `Failed` at once.
-    fn prepare(
-        &self,
-        context: &Arc<FlowRunContext>,
-        call: TaskCall,
-    ) -> Result<TaskRunSpec, TaskRunHandle> {
+    fn prepare(&self, context: &Arc<FlowRunContext>, call: TaskCall) -> Result<TaskRunSpec, TaskRunHandle> {
         let definition = self.definition;
-        let options = self.options();
+        let mut options = self.options();
+        crate::options::apply_remote_scopes(&mut options);
         let id = Uuid::new_v4();
         let name = match definition.run_name {
             Some(template) => template(&call.descriptions),
             None => format!("{}-{}", definition.name, &id.simple().to_string()[..3]),
         };
-        let TaskCall {
-            args:
-                ArgsBuilder {
-                    args,
-                    upstreams,
-                    error,
-                },
-            ..
-        } = call;
+        let TaskCall { args: ArgsBuilder { args, upstreams, error }, .. } = call;
         let info = TaskRunInfo {
             id,
             name,
             task_name: definition.name.to_owned(),
-            task_key: format!(
-                "{}-{}",
-                definition.key,
-                &definition.fingerprint[..8.min(definition.fingerprint.len())]
-            ),
+            task_key: format!("{}-{}", definition.key, &definition.fingerprint[..8.min(definition.fingerprint.len())]),
             dynamic_key: context.next_dynamic_key(definition.key),
             flow_run_id: context.info.as_ref().map(|info| info.id),
             tags: options.tags.clone(),
@@ -205,21 +169,12 @@ impl Task {
         context.tracker.track(&run);
         if let Some(error) = error {
             run.finish(
-                State::failed(format!(
-                    "could not send the arguments of task '{}': {error}",
-                    definition.name
-                )),
+                State::failed(format!("could not send the arguments of task '{}': {error}", definition.name)),
                 None,
             );
             return Err(run);
         }
-        Ok(TaskRunSpec {
-            run,
-            args,
-            upstreams,
-            wait_for: self.wait_for.clone(),
-            options,
-        })
+        Ok(TaskRunSpec { run, args, upstreams, wait_for: self.wait_for.clone(), options })
     }
 }
 
@@ -248,10 +203,7 @@ fn inputs(
         })
         .collect();
     if !wait_for.is_empty() {
-        inputs.push((
-            "wait_for".to_owned(),
-            wait_for.iter().map(TaskRunHandle::id).collect(),
-        ));
+        inputs.push(("wait_for".to_owned(), wait_for.iter().map(TaskRunHandle::id).collect()));
     }
     inputs
 }
@@ -265,14 +217,8 @@ pub struct TaskCall {
 impl TaskCall {
     /// Adds the next parameter's argument. `show` renders it for the task run name
     /// template, when the template uses this parameter.
-    pub fn arg<T, A: IntoArg<T>>(
-        &mut self,
-        parameter: &str,
-        argument: A,
-        show: Option<&dyn Fn(&T) -> String>,
-    ) {
-        self.descriptions
-            .push(show.map(|show| argument.describe(show)).unwrap_or_default());
+    pub fn arg<T, A: IntoArg<T>>(&mut self, parameter: &str, argument: A, show: Option<&dyn Fn(&T) -> String>) {
+        self.descriptions.push(show.map(|show| argument.describe(show)).unwrap_or_default());
         self.args.push(parameter, argument.into_arg());
     }
 }

@@ -26,18 +26,8 @@ pub(crate) struct FlowRunContext {
 }
 
 impl FlowRunContext {
-    pub(crate) fn new(
-        info: Option<FlowRunInfo>,
-        span: tracing::Span,
-        runner: Arc<dyn TaskRunner>,
-    ) -> Self {
-        Self {
-            info,
-            span,
-            runner,
-            tracker: Arc::default(),
-            dynamic_keys: Mutex::default(),
-        }
+    pub(crate) fn new(info: Option<FlowRunInfo>, span: tracing::Span, runner: Arc<dyn TaskRunner>) -> Self {
+        Self { info, span, runner, tracker: Arc::default(), dynamic_keys: Mutex::default() }
     }
 
     /// "0", "1", ...: which run of the task this is within the flow run.
@@ -66,11 +56,7 @@ pub(crate) fn current_or_standalone() -> Arc<FlowRunContext> {
         STANDALONE
             .get_or_init(|| {
                 crate::logging::init();
-                Arc::new(FlowRunContext::new(
-                    None,
-                    tracing::Span::none(),
-                    Arc::new(ThreadPoolTaskRunner::new()),
-                ))
+                Arc::new(FlowRunContext::new(None, tracing::Span::none(), Arc::new(ThreadPoolTaskRunner::new())))
             })
             .clone()
     })
@@ -155,12 +141,7 @@ impl RunTracker {
                 if tracked.unfinished == 0 {
                     return;
                 }
-                tracked
-                    .runs
-                    .iter()
-                    .filter_map(WeakTaskRun::upgrade)
-                    .filter(|run| !run.is_finished())
-                    .collect()
+                tracked.runs.iter().filter_map(WeakTaskRun::upgrade).filter(|run| !run.is_finished()).collect()
             };
             if unfinished.is_empty() {
                 return;
@@ -174,12 +155,7 @@ impl RunTracker {
     /// The runs that futures still refer to: those the flow returned or kept.
     pub(crate) fn live_runs(&self) -> Vec<TaskRunHandle> {
         let tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        tracked
-            .runs
-            .iter()
-            .filter_map(WeakTaskRun::upgrade)
-            .filter(TaskRunHandle::has_futures)
-            .collect()
+        tracked.runs.iter().filter_map(WeakTaskRun::upgrade).filter(TaskRunHandle::has_futures).collect()
     }
 }
 
@@ -190,10 +166,6 @@ impl Future for Finished {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.poll_finished(cx.waker()) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        if self.0.poll_finished(cx.waker()) { Poll::Ready(()) } else { Poll::Pending }
     }
 }

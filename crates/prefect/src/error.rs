@@ -62,9 +62,7 @@ impl TaskError {
             StateType::Failed => Self::Failed { task_run, message },
             StateType::Crashed => Self::Crashed { task_run, message },
             StateType::Cancelled => Self::Cancelled { task_run, message },
-            StateType::Pending | StateType::Scheduled | StateType::Running => {
-                Self::NotReady { task_run, message }
-            }
+            StateType::Pending | StateType::Scheduled | StateType::Running => Self::NotReady { task_run, message },
         })
     }
 
@@ -130,9 +128,7 @@ impl FlowError {
     /// What went wrong, without the flow run's name.
     pub fn message(&self) -> &str {
         match self {
-            Self::Failed { message, .. }
-            | Self::Crashed { message, .. }
-            | Self::Cancelled { message, .. } => message,
+            Self::Failed { message, .. } | Self::Crashed { message, .. } | Self::Cancelled { message, .. } => message,
         }
     }
 }
@@ -154,29 +150,17 @@ pub struct TaskFailure {
 impl TaskFailure {
     /// A failure that a retry may fix: an `Err`, a panic, a timeout.
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-            timed_out: false,
-        }
+        Self { message: message.into(), retryable: true, timed_out: false }
     }
 
     /// An attempt that overran its timeout.
     pub fn timed_out(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-            timed_out: true,
-        }
+        Self { message: message.into(), retryable: true, timed_out: true }
     }
 
     /// A failure that no retry can fix, such as arguments that do not decode.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-            timed_out: false,
-        }
+        Self { message: message.into(), retryable: false, timed_out: false }
     }
 
     /// The failure for a task that returned `Err(error)`.

@@ -58,8 +58,7 @@ pub fn run_flow<R>(
         let outcome = {
             let _entered = context::enter(run.context.clone());
             let _span = run.context.span.clone().entered();
-            task_engine::catch_panic(&mut body)
-                .unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")))
+            task_engine::catch_panic(&mut body).unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")))
         };
         run.context.tracker.wait_idle();
         let outcome = run.check_returned_futures(outcome);
@@ -91,16 +90,14 @@ pub fn run_flow_timed<R: Send + 'static>(
     loop {
         let (sender, receiver) = mpsc::channel();
         let (context, body) = (run.context.clone(), body.clone());
-        let spawned = std::thread::Builder::new()
-            .name("prefect-flow".into())
-            .spawn(move || {
-                let _entered = context::enter(context.clone());
-                let _span = context.span.clone().entered();
-                let mut body = body.lock().unwrap_or_else(|p| p.into_inner());
-                let outcome = task_engine::catch_panic(&mut *body)
-                    .unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")));
-                let _ = sender.send(outcome);
-            });
+        let spawned = std::thread::Builder::new().name("prefect-flow".into()).spawn(move || {
+            let _entered = context::enter(context.clone());
+            let _span = context.span.clone().entered();
+            let mut body = body.lock().unwrap_or_else(|p| p.into_inner());
+            let outcome =
+                task_engine::catch_panic(&mut *body).unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")));
+            let _ = sender.send(outcome);
+        });
         let outcome = match spawned {
             Err(error) => Err(format!("could not start a thread for the flow: {error}")),
             Ok(_) => match receiver.recv_timeout(limit) {
@@ -136,16 +133,12 @@ pub async fn run_flow_async<R, F>(
 where
     F: Future<Output = Result<R, String>>,
 {
-    let timeout = options
-        .timeout_seconds
-        .map(|s| Duration::from_secs_f64(s.max(0.0)));
+    let timeout = options.timeout_seconds.map(|s| Duration::from_secs_f64(s.max(0.0)));
     let run = FlowRun::begin(flow, options, parameters, Arc::new(runner))?;
     let mut attempt = 0;
     loop {
-        let attempt_future = WithContext {
-            context: run.context.clone(),
-            future: Box::pin(CatchUnwind(Box::pin(body()))),
-        };
+        let attempt_future =
+            WithContext { context: run.context.clone(), future: Box::pin(CatchUnwind(Box::pin(body()))) };
         let outcome = match timeout {
             None => attempt_future.await,
             Some(limit) => match (Deadline {
@@ -166,9 +159,7 @@ where
         match run.retry_delay(&outcome, &mut attempt) {
             Some(delay) => {
                 run.propose(State::awaiting_retry(Utc::now() + delay))?;
-                let _ = task_engine::runtime()
-                    .spawn(tokio::time::sleep(delay))
-                    .await;
+                let _ = task_engine::runtime().spawn(tokio::time::sleep(delay)).await;
                 run.propose(State::retrying())?;
             }
             None => return run.finish(outcome),
@@ -177,10 +168,7 @@ where
 }
 
 fn timeout_message(limit: Duration) -> String {
-    format!(
-        "Flow run exceeded timeout of {} second(s)",
-        limit.as_secs_f64()
-    )
+    format!("Flow run exceeded timeout of {} second(s)", limit.as_secs_f64())
 }
 
 /// A flow run between its start and its end.
@@ -238,23 +226,14 @@ impl FlowRun {
         };
         let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
         observe::flow_run_created(&info);
-        let run = Self {
-            flow,
-            options,
-            info,
-            context,
-        };
+        let run = Self { flow, options, info, context };
         run.context.span.in_scope(|| {
             tracing::info!(target: "prefect::flow_run", "Beginning flow run '{}' for flow '{}'", run.info.name, flow.name);
         });
-        if let Err(error) = run.context.runner.start(&run.info) {
+        if let Err(error) = run.context.span.in_scope(|| run.context.runner.start(&run.info)) {
             let message = format!("{} could not start: {error}", run.context.runner.name());
             run.end(State::crashed(message.clone()));
-            return Err(FlowError::Crashed {
-                flow: flow.name.to_owned(),
-                flow_run: run.info.name.clone(),
-                message,
-            });
+            return Err(FlowError::Crashed { flow: flow.name.to_owned(), flow_run: run.info.name.clone(), message });
         }
         if let Err(error) = run.propose(State::running()) {
             run.context.runner.stop();
@@ -274,9 +253,7 @@ impl FlowRun {
                     std::thread::sleep(delay);
                 }
                 Orchestration::Wait(_) => return Ok(state),
-                Orchestration::Reject(server_state)
-                    if server_state.state_type == state.state_type =>
-                {
+                Orchestration::Reject(server_state) if server_state.state_type == state.state_type => {
                     return Ok(server_state);
                 }
                 Orchestration::Reject(server_state) => {
@@ -299,21 +276,9 @@ impl FlowRun {
     fn error_for(&self, state: &State, message: String) -> FlowError {
         let (flow, flow_run) = (self.flow.name.to_owned(), self.info.name.clone());
         match state.state_type {
-            crate::StateType::Cancelled => FlowError::Cancelled {
-                flow,
-                flow_run,
-                message,
-            },
-            crate::StateType::Crashed => FlowError::Crashed {
-                flow,
-                flow_run,
-                message,
-            },
-            _ => FlowError::Failed {
-                flow,
-                flow_run,
-                message,
-            },
+            crate::StateType::Cancelled => FlowError::Cancelled { flow, flow_run, message },
+            crate::StateType::Crashed => FlowError::Crashed { flow, flow_run, message },
+            _ => FlowError::Failed { flow, flow_run, message },
         }
     }
 
@@ -321,10 +286,7 @@ impl FlowRun {
     fn check_returned_futures<R>(&self, outcome: Result<R, String>) -> Result<R, String> {
         let value = outcome?;
         let returned = self.context.tracker.live_runs();
-        let failed: Vec<_> = returned
-            .iter()
-            .filter(|run| !run.state().is_completed())
-            .collect();
+        let failed: Vec<_> = returned.iter().filter(|run| !run.state().is_completed()).collect();
         match failed.first() {
             Some(first) => Err(format!(
                 "{}/{} returned task run(s) did not complete; '{}' ended in state {}",
@@ -354,9 +316,7 @@ impl FlowRun {
                 self.options.retry_delay_seconds
             );
         });
-        Some(Duration::from_secs_f64(
-            self.options.retry_delay_seconds.max(0.0),
-        ))
+        Some(Duration::from_secs_f64(self.options.retry_delay_seconds.max(0.0)))
     }
 
     /// Keeps the values of returned futures, stops the runner, and enters the final state.
@@ -367,32 +327,23 @@ impl FlowRun {
         self.context.runner.stop();
         let state = match &outcome {
             Ok(_) => State::completed(),
-            Err(message) if message.starts_with("Flow run exceeded timeout") => {
-                State::timed_out(message.clone())
-            }
+            Err(message) if message.starts_with("Flow run exceeded timeout") => State::timed_out(message.clone()),
             Err(message) => State::failed(message.clone()),
         };
         let state = self.end(state);
         match (outcome, state.is_completed()) {
             (Ok(value), true) => Ok(value),
-            (Err(message), _) => Err(FlowError::Failed {
-                flow: self.flow.name.to_owned(),
-                flow_run: self.info.name.clone(),
-                message,
-            }),
-            (Ok(_), false) => Err(self.error_for(
-                &state,
-                state.message.clone().unwrap_or_else(|| state.to_string()),
-            )),
+            (Err(message), _) => {
+                Err(FlowError::Failed { flow: self.flow.name.to_owned(), flow_run: self.info.name.clone(), message })
+            }
+            (Ok(_), false) => Err(self.error_for(&state, state.message.clone().unwrap_or_else(|| state.to_string()))),
         }
     }
 
     /// Enters the final state and logs it.
     fn end(&self, state: State) -> State {
         let state = self.propose(state.clone()).unwrap_or(state);
-        self.context
-            .span
-            .in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
+        self.context.span.in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
         observe::flow_run_finished(&self.info);
         state
     }
@@ -412,10 +363,7 @@ impl<R, F: Future<Output = Result<R, String>>> Future for CatchUnwind<F> {
         };
         match polled {
             Ok(poll) => poll,
-            Err(payload) => Poll::Ready(Err(format!(
-                "Flow run panicked: {}",
-                task_engine::panic_message(payload)
-            ))),
+            Err(payload) => Poll::Ready(Err(format!("Flow run panicked: {}", task_engine::panic_message(payload)))),
         }
     }
 }

@@ -61,10 +61,7 @@ impl<T> Drop for PrefectFuture<T> {
 
 impl<T> std::fmt::Debug for PrefectFuture<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrefectFuture")
-            .field("task_run", &self.run.name())
-            .field("state", &self.run.state())
-            .finish()
+        f.debug_struct("PrefectFuture").field("task_run", &self.run.name()).field("state", &self.run.state()).finish()
     }
 }
 
@@ -72,10 +69,7 @@ impl<T> PrefectFuture<T> {
     /// The future of the run behind `run`; its task must return `T`.
     pub fn from_handle(run: TaskRunHandle) -> Self {
         run.future_created();
-        Self {
-            run,
-            value: PhantomData,
-        }
+        Self { run, value: PhantomData }
     }
 
     /// The handle of the run, shared with its runner.
@@ -116,10 +110,7 @@ impl<T: DeserializeOwned> PrefectFuture<T> {
         let bytes = self.run.result_bytes()?;
         rmp_serde::from_slice(&bytes).map_err(|error| TaskError::ResultUnavailable {
             task_run: self.run.name().to_owned(),
-            message: format!(
-                "its value does not decode as `{}`: {error}",
-                std::any::type_name::<T>()
-            ),
+            message: format!("its value does not decode as `{}`: {error}", std::any::type_name::<T>()),
         })
     }
 }
@@ -171,10 +162,7 @@ pub fn wait<T>(
             break;
         }
     }
-    futures
-        .iter()
-        .cloned()
-        .partition(|future| future.run.is_finished())
+    futures.iter().cloned().partition(|future| future.run.is_finished())
 }
 
 /// Yields the futures in the order their runs finish.
@@ -199,9 +187,7 @@ pub fn wait<T>(
 ///
 /// assert_eq!(fastest_first().unwrap(), [10, 600]);
 /// ```
-pub fn as_completed<T: 'static>(
-    futures: impl IntoIterator<Item = PrefectFuture<T>>,
-) -> AsCompleted<T> {
+pub fn as_completed<T: 'static>(futures: impl IntoIterator<Item = PrefectFuture<T>>) -> AsCompleted<T> {
     let (sender, receiver) = mpsc::channel();
     let mut pending = 0;
     for future in futures {

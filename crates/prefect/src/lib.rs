@@ -68,9 +68,8 @@ pub mod __private {
     /// The flow's parameters as JSON, for reporting; a value that does not serialize shows
     /// as its error.
     pub fn parameter_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
-        serde_json::to_value(value).unwrap_or_else(|error| {
-            serde_json::Value::String(format!("<not serializable: {error}>"))
-        })
+        serde_json::to_value(value)
+            .unwrap_or_else(|error| serde_json::Value::String(format!("<not serializable: {error}>")))
     }
 }
 

@@ -13,7 +13,7 @@
 use std::fmt::{self, Write as _};
 use std::sync::Once;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
 use tracing::{Event, Level, Subscriber};
@@ -62,34 +62,57 @@ impl Visit for LabelVisitor {
     }
 }
 
+/// The field that carries the time a replayed event was first written (RFC 3339), for
+/// output that a task wrote on another machine.
+pub const TIMESTAMP_FIELD: &str = "log.timestamp";
+
 /// The message of an event, with its other fields appended as `key=value`.
 #[derive(Default)]
-struct MessageVisitor(String, String);
+struct MessageVisitor {
+    message: String,
+    fields: String,
+    timestamp: Option<DateTime<Utc>>,
+}
 
 impl Visit for MessageVisitor {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.0.push_str(value);
-        } else {
-            let _ = write!(self.1, " {}={value}", field.name());
+        match field.name() {
+            "message" => self.message.push_str(value),
+            TIMESTAMP_FIELD => self.timestamp = DateTime::parse_from_rfc3339(value).ok().map(|t| t.with_timezone(&Utc)),
+            name => {
+                let _ = write!(self.fields, " {name}={value}");
+            }
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.0, "{value:?}");
-        } else {
-            let _ = write!(self.1, " {}={value:?}", field.name());
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            TIMESTAMP_FIELD => self.record_str(field, format!("{value:?}").trim_matches('"')),
+            name => {
+                let _ = write!(self.fields, " {name}={value:?}");
+            }
         }
     }
 }
 
 impl MessageVisitor {
-    fn of(event: &Event<'_>) -> String {
+    fn of(event: &Event<'_>) -> Self {
         let mut visitor = Self::default();
         event.record(&mut visitor);
-        visitor.0 + &visitor.1
+        visitor
     }
+
+    fn text(self) -> String {
+        self.message + &self.fields
+    }
+}
+
+/// An event's message with its fields, as the console shows it.
+pub fn event_message(event: &Event<'_>) -> String {
+    MessageVisitor::of(event).text()
 }
 
 /// Remembers which spans stand for runs, and hands log lines inside runs to the run
@@ -105,11 +128,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
         let mut visitor = LabelVisitor::default();
         attrs.record(&mut visitor);
         if let (Some(span), Some(run_name)) = (ctx.span(id), visitor.name) {
-            span.extensions_mut().insert(RunLabel {
-                is_task: name == "task_run",
-                name: run_name,
-                id: visitor.id,
-            });
+            span.extensions_mut().insert(RunLabel { is_task: name == "task_run", name: run_name, id: visitor.id });
         }
     }
 
@@ -122,9 +141,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
             for span in scope {
                 if let Some(label) = span.extensions().get::<RunLabel>() {
                     match label.is_task {
-                        true if task_run_id.is_none() && flow_run_id.is_none() => {
-                            task_run_id = label.id
-                        }
+                        true if task_run_id.is_none() && flow_run_id.is_none() => task_run_id = label.id,
                         false if flow_run_id.is_none() => flow_run_id = label.id,
                         _ => {}
                     }
@@ -134,11 +151,13 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
         if task_run_id.is_none() && flow_run_id.is_none() {
             return;
         }
+        let visitor = MessageVisitor::of(event);
+        let timestamp = visitor.timestamp.unwrap_or_else(Utc::now);
         observe::log(&LogRecord {
             logger: event.metadata().target().replace("::", "."),
             level: *event.metadata().level(),
-            message: MessageVisitor::of(event),
-            timestamp: Utc::now(),
+            message: visitor.text(),
+            timestamp,
             flow_run_id,
             task_run_id,
         });
@@ -172,18 +191,11 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let subject = ctx
             .event_scope()
             .and_then(|scope| {
-                scope
-                    .into_iter()
-                    .find_map(|span| span.extensions().get::<RunLabel>().map(RunLabel::subject))
+                scope.into_iter().find_map(|span| span.extensions().get::<RunLabel>().map(RunLabel::subject))
             })
             .unwrap_or_else(|| event.metadata().target().replace("::", "."));
         let level = match *event.metadata().level() {
@@ -193,12 +205,9 @@ where
             Level::DEBUG => "DEBUG",
             Level::TRACE => "TRACE",
         };
-        let time = chrono::Local::now().format("%H:%M:%S%.3f");
-        writeln!(
-            writer,
-            "{time} | {level:<7} | {subject} - {}",
-            MessageVisitor::of(event)
-        )
+        let visitor = MessageVisitor::of(event);
+        let time = visitor.timestamp.map_or_else(chrono::Local::now, |t| t.with_timezone(&chrono::Local));
+        writeln!(writer, "{} | {level:<7} | {subject} - {}", time.format("%H:%M:%S%.3f"), visitor.text())
     }
 }
 
@@ -212,24 +221,19 @@ pub fn init() {
         }
         let directives = std::env::var("RUST_LOG")
             .or_else(|_| {
-                std::env::var("PREFECT_LOGGING_LEVEL")
-                    .map(|level| level.to_lowercase().replace("warning", "warn"))
+                std::env::var("PREFECT_LOGGING_LEVEL").map(|level| level.to_lowercase().replace("warning", "warn"))
             })
             .unwrap_or_else(|_| "info".to_owned());
-        let filter: tracing_subscriber::filter::Targets = directives.parse().unwrap_or_else(|_| {
-            tracing_subscriber::filter::Targets::new().with_default(Level::INFO)
-        });
-        let spans_and_info = tracing_subscriber::filter::filter_fn(|meta| {
-            meta.is_span() || *meta.level() <= Level::INFO
-        });
-        let subscriber = tracing_subscriber::registry()
-            .with(RunLayer.with_filter(spans_and_info))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .event_format(PrefectFormat)
-                    .with_writer(std::io::stderr)
-                    .with_filter(filter),
-            );
+        let filter: tracing_subscriber::filter::Targets =
+            directives.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(Level::INFO));
+        let spans_and_info =
+            tracing_subscriber::filter::filter_fn(|meta| meta.is_span() || *meta.level() <= Level::INFO);
+        let subscriber = tracing_subscriber::registry().with(RunLayer.with_filter(spans_and_info)).with(
+            tracing_subscriber::fmt::layer()
+                .event_format(PrefectFormat)
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        );
         let _ = tracing::subscriber::set_global_default(subscriber);
     });
 }

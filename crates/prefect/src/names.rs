@@ -1,13 +1,12 @@
 //! Memorable names for flow runs, like Prefect's `crimson-panda`.
 
 const ADJECTIVES: &[&str] = &[
-    "amber", "ancient", "azure", "bold", "brave", "bright", "calm", "clever", "cobalt", "crimson",
-    "curious", "daring", "dapper", "eager", "electric", "emerald", "fearless", "fiery", "gentle",
-    "golden", "graceful", "happy", "hidden", "humble", "icy", "indigo", "jolly", "keen", "lively",
-    "lucky", "magenta", "mellow", "mighty", "misty", "nimble", "noble", "olive", "patient",
-    "polite", "quick", "quiet", "rapid", "ruby", "rustic", "scarlet", "silent", "silver", "smart",
-    "snowy", "spry", "steady", "sunny", "swift", "tan", "teal", "tidy", "vivid", "warm", "wise",
-    "witty", "zealous",
+    "amber", "ancient", "azure", "bold", "brave", "bright", "calm", "clever", "cobalt", "crimson", "curious", "daring",
+    "dapper", "eager", "electric", "emerald", "fearless", "fiery", "gentle", "golden", "graceful", "happy", "hidden",
+    "humble", "icy", "indigo", "jolly", "keen", "lively", "lucky", "magenta", "mellow", "mighty", "misty", "nimble",
+    "noble", "olive", "patient", "polite", "quick", "quiet", "rapid", "ruby", "rustic", "scarlet", "silent", "silver",
+    "smart", "snowy", "spry", "steady", "sunny", "swift", "tan", "teal", "tidy", "vivid", "warm", "wise", "witty",
+    "zealous",
 ];
 
 const ANIMALS: &[&str] = &[

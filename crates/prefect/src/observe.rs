@@ -119,10 +119,7 @@ static OBSERVERS: RwLock<Vec<Arc<dyn RunObserver>>> = RwLock::new(Vec::new());
 
 /// Adds an observer for every run from now on.
 pub fn add_observer(observer: Arc<dyn RunObserver>) {
-    OBSERVERS
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(observer);
+    OBSERVERS.write().unwrap_or_else(|p| p.into_inner()).push(observer);
     ANY.store(true, Ordering::Release);
 }
 

@@ -1,5 +1,9 @@
 //! Options of tasks and flows: retries, delays, timeouts, tags, remote options.
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -89,14 +93,8 @@ impl TaskOptions {
 
     /// How long to wait before retry number `retry` (1 for the first retry), jitter included.
     pub fn retry_delay(&self, retry: u32) -> Duration {
-        let index =
-            (retry.max(1) as usize - 1).min(self.retry_delay_seconds.len().saturating_sub(1));
-        let base = self
-            .retry_delay_seconds
-            .get(index)
-            .copied()
-            .unwrap_or(0.0)
-            .max(0.0);
+        let index = (retry.max(1) as usize - 1).min(self.retry_delay_seconds.len().saturating_sub(1));
+        let base = self.retry_delay_seconds.get(index).copied().unwrap_or(0.0).max(0.0);
         let seconds = match self.retry_jitter_factor {
             Some(factor) if factor > 0.0 && base > 0.0 => clamped_poisson_interval(base, factor),
             _ => base,
@@ -127,6 +125,69 @@ fn lower_clamp_multiple(upper_multiple: f64) -> f64 {
     }
 }
 
+thread_local! {
+    static REMOTE_SCOPES: RefCell<Vec<Map<String, Value>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `body` with `options` added to the remote options of every task run it submits on
+/// this thread. Scopes nest: an inner scope's keys win over an outer one's, and a scope's
+/// keys win over the task's own (from its attribute or `with_options`).
+///
+/// # Examples
+///
+/// ```
+/// use prefect::options::with_remote_options;
+/// use serde_json::json;
+///
+/// #[prefect::task(num_cpus = 1)]
+/// fn train(epochs: u32) -> u32 {
+///     epochs
+/// }
+///
+/// let mut outer = serde_json::Map::new();
+/// outer.insert("num_cpus".into(), json!(4));
+/// let options = with_remote_options(outer, || train.task().with_options(|_| {}).options());
+/// assert_eq!(options.remote_options["num_cpus"], json!(1), "options() shows the task's own");
+/// ```
+pub fn with_remote_options<R>(options: Map<String, Value>, body: impl FnOnce() -> R) -> R {
+    struct Pop;
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            REMOTE_SCOPES.with(|scopes| scopes.borrow_mut().pop());
+        }
+    }
+    REMOTE_SCOPES.with(|scopes| scopes.borrow_mut().push(options));
+    let _pop = Pop;
+    body()
+}
+
+/// [`with_remote_options`] for async code: the scope applies while `future` is polled.
+pub fn with_remote_options_async<F: Future>(options: Map<String, Value>, future: F) -> impl Future<Output = F::Output> {
+    struct Scoped<F> {
+        options: Map<String, Value>,
+        future: Pin<Box<F>>,
+    }
+    impl<F: Future> Future for Scoped<F> {
+        type Output = F::Output;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            let options = self.options.clone();
+            with_remote_options(options, || self.future.as_mut().poll(cx))
+        }
+    }
+    Scoped { options, future: Box::pin(future) }
+}
+
+/// Applies the remote options of the scopes around this call to `options`.
+pub(crate) fn apply_remote_scopes(options: &mut TaskOptions) {
+    REMOTE_SCOPES.with(|scopes| {
+        for scope in scopes.borrow().iter() {
+            for (key, value) in scope {
+                options.remote_options.insert(key.clone(), value.clone());
+            }
+        }
+    });
+}
+
 /// How a flow's runs behave: retries and timeout.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FlowOptions {
@@ -145,38 +206,19 @@ mod tests {
     #[test]
     fn retry_delays_use_the_last_value_for_later_retries() {
         let options = TaskOptions::default().retry_delay_seconds([1.0, 2.0]);
-        let delays: Vec<f64> = (1..=4)
-            .map(|r| options.retry_delay(r).as_secs_f64())
-            .collect();
+        let delays: Vec<f64> = (1..=4).map(|r| options.retry_delay(r).as_secs_f64()).collect();
         assert_eq!(delays, [1.0, 2.0, 2.0, 2.0]);
         assert_eq!(TaskOptions::default().retry_delay(1), Duration::ZERO);
     }
 
     #[test]
     fn jitter_stays_within_its_clamps_and_varies() {
-        let options = TaskOptions::default()
-            .retry_delay_seconds([10.0])
-            .retry_jitter_factor(0.5);
-        let draws: Vec<f64> = (0..500)
-            .map(|_| options.retry_delay(1).as_secs_f64())
-            .collect();
-        assert!(
-            draws.iter().all(|d| *d <= 15.0 + 1e-9 && *d >= 0.0),
-            "{draws:?}"
-        );
-        let distinct = draws
-            .iter()
-            .map(|d| d.to_bits())
-            .collect::<std::collections::HashSet<_>>();
-        assert!(
-            distinct.len() > 400,
-            "jitter should spread delays, got {} distinct",
-            distinct.len()
-        );
+        let options = TaskOptions::default().retry_delay_seconds([10.0]).retry_jitter_factor(0.5);
+        let draws: Vec<f64> = (0..500).map(|_| options.retry_delay(1).as_secs_f64()).collect();
+        assert!(draws.iter().all(|d| *d <= 15.0 + 1e-9 && *d >= 0.0), "{draws:?}");
+        let distinct = draws.iter().map(|d| d.to_bits()).collect::<std::collections::HashSet<_>>();
+        assert!(distinct.len() > 400, "jitter should spread delays, got {} distinct", distinct.len());
         let mean = draws.iter().sum::<f64>() / draws.len() as f64;
-        assert!(
-            (6.0..=14.0).contains(&mean),
-            "mean {mean} should stay near the base delay"
-        );
+        assert!((6.0..=14.0).contains(&mean), "mean {mean} should stay near the base delay");
     }
 }

@@ -67,8 +67,5 @@ pub static TASKS: [TaskDefinition];
 /// ```
 pub fn lookup(key: &str) -> Option<&'static TaskDefinition> {
     static INDEX: OnceLock<HashMap<&'static str, &'static TaskDefinition>> = OnceLock::new();
-    INDEX
-        .get_or_init(|| TASKS.iter().map(|task| (task.key, task)).collect())
-        .get(key)
-        .copied()
+    INDEX.get_or_init(|| TASKS.iter().map(|task| (task.key, task)).collect()).get(key).copied()
 }

@@ -42,9 +42,7 @@ impl TaskRunSpec {
     /// The state this run ends in without running, if a run it depends on did not complete.
     /// Only meaningful once the dependencies have finished.
     pub fn upstream_failure(&self) -> Option<State> {
-        self.dependencies()
-            .find(|run| !run.state().is_completed())
-            .map(|run| not_ready(run.name(), &run.state()))
+        self.dependencies().find(|run| !run.state().is_completed()).map(|run| not_ready(run.name(), &run.state()))
     }
 
     /// Builds the payload in this process, fetching upstream results here.
@@ -53,11 +51,7 @@ impl TaskRunSpec {
     ///
     /// If an upstream result is unavailable.
     pub fn local_payload(&self) -> Result<Vec<u8>, TaskError> {
-        let results = self
-            .upstreams
-            .iter()
-            .map(TaskRunHandle::result_bytes)
-            .collect::<Result<Vec<_>, _>>()?;
+        let results = self.upstreams.iter().map(TaskRunHandle::result_bytes).collect::<Result<Vec<_>, _>>()?;
         let slices: Vec<&[u8]> = results.iter().map(|bytes| bytes.as_slice()).collect();
         Ok(assemble(&self.args, &slices))
     }
@@ -65,9 +59,7 @@ impl TaskRunSpec {
 
 /// The `NotReady` state of a run whose upstream `upstream` ended in `state`.
 pub fn not_ready(upstream: &str, state: &State) -> State {
-    State::not_ready(format!(
-        "Upstream task run '{upstream}' did not reach a 'COMPLETED' state: {state}"
-    ))
+    State::not_ready(format!("Upstream task run '{upstream}' did not reach a 'COMPLETED' state: {state}"))
 }
 
 /// Why a runner could not start, in a line that says what to do.

@@ -31,10 +31,7 @@ pub enum StateType {
 impl StateType {
     /// Whether a run in a state of this type has ended for good.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Completed | Self::Failed | Self::Cancelled | Self::Crashed
-        )
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled | Self::Crashed)
     }
 
     /// Prefect's default name for a state of this type: `Completed`, `Failed`, ...
@@ -221,10 +218,7 @@ impl fmt::Display for State {
         if let Some(message) = self.message.as_deref().filter(|m| !m.is_empty()) {
             parts.push(python_repr(message));
         }
-        if !self
-            .name
-            .eq_ignore_ascii_case(self.state_type.default_name())
-        {
+        if !self.name.eq_ignore_ascii_case(self.state_type.default_name()) {
             parts.push(format!("type={}", self.state_type.api_name()));
         }
         write!(f, "{})", parts.join(", "))
@@ -233,11 +227,7 @@ impl fmt::Display for State {
 
 /// A string as Python's `repr` shows it, as Prefect's state notation does.
 fn python_repr(text: &str) -> String {
-    let quote = if text.contains('\'') && !text.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if text.contains('\'') && !text.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(text.len() + 2);
     out.push(quote);
     for c in text.chars() {
@@ -263,22 +253,10 @@ mod tests {
     #[test]
     fn display_follows_prefect_notation() {
         assert_eq!(State::completed().to_string(), "Completed()");
-        assert_eq!(
-            State::failed("it's bad").to_string(),
-            "Failed(\"it's bad\")"
-        );
-        assert_eq!(
-            State::failed("it's \"bad\"").to_string(),
-            "Failed('it\\'s \"bad\"')"
-        );
-        assert_eq!(
-            State::timed_out("slow").to_string(),
-            "TimedOut('slow', type=FAILED)"
-        );
-        assert_eq!(
-            State::not_ready("upstream failed").to_string(),
-            "NotReady('upstream failed', type=PENDING)"
-        );
+        assert_eq!(State::failed("it's bad").to_string(), "Failed(\"it's bad\")");
+        assert_eq!(State::failed("it's \"bad\"").to_string(), "Failed('it\\'s \"bad\"')");
+        assert_eq!(State::timed_out("slow").to_string(), "TimedOut('slow', type=FAILED)");
+        assert_eq!(State::not_ready("upstream failed").to_string(), "NotReady('upstream failed', type=PENDING)");
     }
 
     #[test]
@@ -295,15 +273,7 @@ mod tests {
         .into_iter()
         .filter(|t| t.is_final())
         .collect();
-        assert_eq!(
-            finals,
-            [
-                StateType::Completed,
-                StateType::Failed,
-                StateType::Cancelled,
-                StateType::Crashed
-            ]
-        );
+        assert_eq!(finals, [StateType::Completed, StateType::Failed, StateType::Cancelled, StateType::Crashed]);
     }
 
     #[test]

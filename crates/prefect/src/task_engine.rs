@@ -6,6 +6,7 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::{Arc, Once, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -42,19 +43,9 @@ pub fn run_here(spec: &TaskRunSpec) {
             return;
         }
     };
-    let execution = execute(
-        spec.run.task(),
-        payload,
-        &spec.options,
-        spec.run.span(),
-        &mut |state| spec.run.set_state(state),
-    );
-    spec.run.finish(
-        execution.state,
-        execution
-            .result
-            .map(|bytes| ResultData::Inline(Arc::new(bytes))),
-    );
+    let execution =
+        execute(spec.run.task(), payload, &spec.options, spec.run.span(), &mut |state| spec.run.set_state(state));
+    spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 
 /// Runs every attempt of a task run on this thread, reporting each intermediate state
@@ -78,12 +69,9 @@ pub fn execute(
     loop {
         let outcome = match task.body {
             TaskBody::Sync(body) => attempt_sync(body, &payload, options.timeout(), span),
-            TaskBody::Async(body) => runtime().block_on(attempt_async(
-                body,
-                payload.to_vec(),
-                options.timeout(),
-                span.clone(),
-            )),
+            TaskBody::Async(body) => {
+                runtime().block_on(attempt_async(body, payload.to_vec(), options.timeout(), span.clone()))
+            }
         };
         match retries.after(outcome, span) {
             Next::Done(execution) => return execution,
@@ -112,21 +100,12 @@ pub async fn execute_async(
         loop {
             let outcome = match task.body {
                 TaskBody::Sync(body) => {
-                    let (payload, span, timeout) =
-                        (Arc::new(payload.clone()), span.clone(), options.timeout());
-                    tokio::task::spawn_blocking(move || {
-                        attempt_sync(body, &payload, timeout, &span)
-                    })
-                    .await
-                    .unwrap_or_else(|error| {
-                        Err(TaskFailure::retryable(format!(
-                            "task thread failed: {error}"
-                        )))
-                    })
+                    let (payload, span, timeout) = (Arc::new(payload.clone()), span.clone(), options.timeout());
+                    tokio::task::spawn_blocking(move || attempt_sync(body, &payload, timeout, &span))
+                        .await
+                        .unwrap_or_else(|error| Err(TaskFailure::retryable(format!("task thread failed: {error}"))))
                 }
-                TaskBody::Async(body) => {
-                    attempt_async(body, payload.clone(), options.timeout(), span.clone()).await
-                }
+                TaskBody::Async(body) => attempt_async(body, payload.clone(), options.timeout(), span.clone()).await,
             };
             match retries.after(outcome, &span) {
                 Next::Done(execution) => return execution,
@@ -138,13 +117,10 @@ pub async fn execute_async(
             }
         }
     };
-    runtime()
-        .spawn(job)
-        .await
-        .unwrap_or_else(|error| Execution {
-            state: State::crashed(format!("the task's runtime stopped: {error}")),
-            result: None,
-        })
+    runtime().spawn(job).await.unwrap_or_else(|error| Execution {
+        state: State::crashed(format!("the task's runtime stopped: {error}")),
+        result: None,
+    })
 }
 
 enum Next {
@@ -166,10 +142,7 @@ impl<'a> Retries<'a> {
     fn after(&mut self, outcome: Result<Vec<u8>, TaskFailure>, span: &Span) -> Next {
         let _entered = span.enter();
         match outcome {
-            Ok(bytes) => Next::Done(Execution {
-                state: State::completed(),
-                result: Some(bytes),
-            }),
+            Ok(bytes) => Next::Done(Execution { state: State::completed(), result: Some(bytes) }),
             Err(failure) if failure.retryable && self.used < self.options.retries => {
                 self.used += 1;
                 let delay = self.options.retry_delay(self.used);
@@ -193,15 +166,9 @@ impl<'a> Retries<'a> {
                 } else {
                     tracing::error!(target: "prefect::task_run", "Task run failed: {}", failure.message);
                 }
-                let state = if failure.timed_out {
-                    State::timed_out(failure.message)
-                } else {
-                    State::failed(failure.message)
-                };
-                Next::Done(Execution {
-                    state,
-                    result: None,
-                })
+                let state =
+                    if failure.timed_out { State::timed_out(failure.message) } else { State::failed(failure.message) };
+                Next::Done(Execution { state, result: None })
             }
         }
     }
@@ -209,10 +176,7 @@ impl<'a> Retries<'a> {
 
 /// The message of a task run that overran its timeout.
 pub fn timeout_message(limit: Duration) -> String {
-    format!(
-        "Task run exceeded timeout of {} second(s)",
-        limit.as_secs_f64()
-    )
+    format!("Task run exceeded timeout of {} second(s)", limit.as_secs_f64())
 }
 
 fn attempt_sync(
@@ -227,32 +191,31 @@ fn attempt_sync(
     };
     let (sender, receiver) = mpsc::channel();
     let (payload, span) = (payload.clone(), span.clone());
-    let spawned = std::thread::Builder::new()
-        .name("prefect-task".into())
-        .spawn(move || {
-            let _entered = span.enter();
-            let _ = sender.send(catch_task_panic(|| body(&payload)));
-        });
+    let spawned = std::thread::Builder::new().name("prefect-task".into()).spawn(move || {
+        let _entered = span.enter();
+        let outcome = catch_task_panic(|| body(&payload));
+        if sender.send(outcome).is_err() {
+            ABANDONED.fetch_sub(1, Ordering::SeqCst);
+        }
+    });
     if let Err(error) = spawned {
-        return Err(TaskFailure::retryable(format!(
-            "could not start a thread for the task: {error}"
-        )));
+        return Err(TaskFailure::retryable(format!("could not start a thread for the task: {error}")));
     }
     match receiver.recv_timeout(limit) {
         Ok(outcome) => outcome,
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(TaskFailure::timed_out(timeout_message(limit))),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(TaskFailure::retryable(
-            "the task's thread ended without a result",
-        )),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            ABANDONED.fetch_add(1, Ordering::SeqCst);
+            drop(receiver);
+            Err(TaskFailure::timed_out(timeout_message(limit)))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(TaskFailure::retryable("the task's thread ended without a result"))
+        }
     }
 }
 
 async fn attempt_async(
-    body: fn(
-        Vec<u8>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<u8>, TaskFailure>> + Send>,
-    >,
+    body: fn(Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, TaskFailure>> + Send>>,
     payload: Vec<u8>,
     timeout: Option<Duration>,
     span: Span,
@@ -269,10 +232,17 @@ async fn attempt_async(
     match runtime().spawn(job).await {
         Ok(outcome) => outcome,
         Err(error) if error.is_panic() => Err(panic_failure(error.into_panic())),
-        Err(error) => Err(TaskFailure::retryable(format!(
-            "the task was stopped: {error}"
-        ))),
+        Err(error) => Err(TaskFailure::retryable(format!("the task was stopped: {error}"))),
     }
+}
+
+/// Attempts that overran their timeout and whose threads are still running.
+static ABANDONED: AtomicIsize = AtomicIsize::new(0);
+
+/// Whether threads of timed-out attempts are still running in this process. A runner that
+/// owns its process (an executor) can end the process to stop them.
+pub fn abandoned_attempts_running() -> bool {
+    ABANDONED.load(Ordering::SeqCst) > 0
 }
 
 /// The engine's tokio runtime, for async tasks.
@@ -330,14 +300,8 @@ impl Drop for InTask {
     }
 }
 
-fn catch_task_panic(
-    body: impl FnOnce() -> Result<Vec<u8>, TaskFailure>,
-) -> Result<Vec<u8>, TaskFailure> {
-    catch_panic(body).unwrap_or_else(|message| {
-        Err(TaskFailure::retryable(format!(
-            "Task run panicked: {message}"
-        )))
-    })
+fn catch_task_panic(body: impl FnOnce() -> Result<Vec<u8>, TaskFailure>) -> Result<Vec<u8>, TaskFailure> {
+    catch_panic(body).unwrap_or_else(|message| Err(TaskFailure::retryable(format!("Task run panicked: {message}"))))
 }
 
 /// Runs `body`, turning a panic into its message and location instead of printing it.
@@ -352,9 +316,7 @@ pub fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, String> {
 
 /// The message of a panic caught on this thread, with its location when the hook saw it.
 pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    LAST_PANIC
-        .with(|last| last.borrow_mut().take())
-        .unwrap_or_else(|| payload_message(payload.as_ref()))
+    LAST_PANIC.with(|last| last.borrow_mut().take()).unwrap_or_else(|| payload_message(payload.as_ref()))
 }
 
 fn panic_failure(payload: Box<dyn Any + Send>) -> TaskFailure {
@@ -378,10 +340,7 @@ pub(crate) struct PanicAware<F>(pub(crate) F);
 impl<F: std::future::Future + Unpin> std::future::Future for PanicAware<F> {
     type Output = F::Output;
 
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let _in_task = InTask::enter();
         std::pin::Pin::new(&mut self.0).poll(cx)
     }

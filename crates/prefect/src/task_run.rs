@@ -71,19 +71,12 @@ pub struct TaskRunHandle(Arc<TaskRun>);
 
 impl fmt::Debug for TaskRunHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskRun")
-            .field("name", &self.name())
-            .field("state", &self.state())
-            .finish()
+        f.debug_struct("TaskRun").field("name", &self.name()).field("state", &self.state()).finish()
     }
 }
 
 impl TaskRunHandle {
-    pub(crate) fn new(
-        info: TaskRunInfo,
-        task: &'static TaskDefinition,
-        parent: &tracing::Span,
-    ) -> Self {
+    pub(crate) fn new(info: TaskRunInfo, task: &'static TaskDefinition, parent: &tracing::Span) -> Self {
         let span = tracing::info_span!(parent: parent, "task_run", name = %info.name);
         let state = State::pending();
         observe::task_run_created(&info, &state);
@@ -108,10 +101,7 @@ impl TaskRunHandle {
     }
 
     fn progress(&self) -> MutexGuard<'_, Progress> {
-        self.0
-            .progress
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The task run's id.
@@ -193,10 +183,7 @@ impl TaskRunHandle {
             }
             progress.state = state.clone();
             progress.result = result;
-            (
-                std::mem::take(&mut progress.callbacks),
-                std::mem::take(&mut progress.wakers),
-            )
+            (std::mem::take(&mut progress.callbacks), std::mem::take(&mut progress.wakers))
         };
         {
             let _entered = self.0.span.enter();
@@ -232,21 +219,13 @@ impl TaskRunHandle {
         let mut progress = self.progress();
         while !progress.finished {
             progress = match deadline {
-                None => self
-                    .0
-                    .finished
-                    .wait(progress)
-                    .unwrap_or_else(|p| p.into_inner()),
+                None => self.0.finished.wait(progress).unwrap_or_else(|p| p.into_inner()),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
                         return false;
                     }
-                    self.0
-                        .finished
-                        .wait_timeout(progress, deadline - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
+                    self.0.finished.wait_timeout(progress, deadline - now).unwrap_or_else(|p| p.into_inner()).0
                 }
             };
         }
@@ -284,14 +263,10 @@ impl TaskRunHandle {
             Some(ResultData::Inline(bytes)) => Ok(bytes),
             Some(ResultData::Remote(remote)) => {
                 let bytes =
-                    Arc::new(
-                        remote
-                            .fetch()
-                            .map_err(|message| TaskError::ResultUnavailable {
-                                task_run: self.name().to_owned(),
-                                message,
-                            })?,
-                    );
+                    Arc::new(remote.fetch().map_err(|message| TaskError::ResultUnavailable {
+                        task_run: self.name().to_owned(),
+                        message,
+                    })?);
                 self.progress().result = Some(ResultData::Inline(bytes.clone()));
                 Ok(bytes)
             }

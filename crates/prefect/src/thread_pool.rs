@@ -48,10 +48,7 @@ impl ThreadPoolTaskRunner {
     /// mostly wait, which threads suit best (CPU-heavy work belongs on Ray).
     pub fn new() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self {
-            max_workers: (4 * cpus).max(32),
-            pool: Arc::new(Pool::default()),
-        }
+        Self { max_workers: (4 * cpus).max(32), pool: Arc::new(Pool::default()) }
     }
 
     /// The same runner with at most `max_workers` threads (at least 1).
@@ -71,11 +68,7 @@ impl TaskRunner for ThreadPoolTaskRunner {
     }
 
     fn submit(&self, spec: TaskRunSpec) {
-        let dependencies: Vec<_> = spec
-            .dependencies()
-            .filter(|run| !run.is_finished())
-            .cloned()
-            .collect();
+        let dependencies: Vec<_> = spec.dependencies().filter(|run| !run.is_finished()).cloned().collect();
         let (pool, max_workers) = (self.pool.clone(), self.max_workers);
         if dependencies.is_empty() {
             pool.push(spec, max_workers);
@@ -131,18 +124,12 @@ impl Pool {
         if queue.idle == 0 && queue.threads.len() < max_workers {
             let pool = self.clone();
             let name = format!("prefect-worker-{}", queue.threads.len());
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || pool.work())
-            {
+            match std::thread::Builder::new().name(name).spawn(move || pool.work()) {
                 Ok(thread) => queue.threads.push(thread),
                 Err(error) if queue.threads.is_empty() => {
                     let spec = queue.jobs.pop_back().expect("just pushed");
                     drop(queue);
-                    spec.run.finish(
-                        crate::State::crashed(format!("could not start a worker thread: {error}")),
-                        None,
-                    );
+                    spec.run.finish(crate::State::crashed(format!("could not start a worker thread: {error}")), None);
                     return;
                 }
                 Err(_) => {}

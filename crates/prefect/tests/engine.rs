@@ -5,10 +5,7 @@ use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prefect::observe::{FlowRunInfo, RunObserver, TaskRunInfo};
-use prefect::{
-    FlowError, PrefectFuture, State, StateType, TaskError, ThreadPoolTaskRunner, flow, task,
-    unmapped,
-};
+use prefect::{FlowError, PrefectFuture, State, StateType, TaskError, ThreadPoolTaskRunner, flow, task, unmapped};
 use uuid::Uuid;
 
 /// Every state every task run entered, and every flow run created, across this process.
@@ -25,16 +22,10 @@ impl RunObserver for Recorder {
     }
     fn task_run_created(&self, info: &TaskRunInfo, state: &State) {
         self.task_runs.lock().unwrap().push(info.clone());
-        self.task_states
-            .lock()
-            .unwrap()
-            .push((info.id, state.clone()));
+        self.task_states.lock().unwrap().push((info.id, state.clone()));
     }
     fn task_run_state(&self, info: &TaskRunInfo, state: &State) {
-        self.task_states
-            .lock()
-            .unwrap()
-            .push((info.id, state.clone()));
+        self.task_states.lock().unwrap().push((info.id, state.clone()));
     }
 }
 
@@ -48,25 +39,11 @@ fn recorder() -> &'static Arc<Recorder> {
 }
 
 fn states_of(id: Uuid) -> Vec<State> {
-    recorder()
-        .task_states
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(run, _)| *run == id)
-        .map(|(_, s)| s.clone())
-        .collect()
+    recorder().task_states.lock().unwrap().iter().filter(|(run, _)| *run == id).map(|(_, s)| s.clone()).collect()
 }
 
 fn runs_in(flow_run: Uuid) -> Vec<TaskRunInfo> {
-    recorder()
-        .task_runs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.flow_run_id == Some(flow_run))
-        .cloned()
-        .collect()
+    recorder().task_runs.lock().unwrap().iter().filter(|r| r.flow_run_id == Some(flow_run)).cloned().collect()
 }
 
 fn this_flow_run() -> Uuid {
@@ -85,11 +62,7 @@ fn sum(values: Vec<i64>) -> i64 {
 
 #[task]
 fn divide(a: i64, b: i64) -> Result<i64, String> {
-    if b == 0 {
-        Err(format!("cannot divide {a} by zero"))
-    } else {
-        Ok(a / b)
-    }
+    if b == 0 { Err(format!("cannot divide {a} by zero")) } else { Ok(a / b) }
 }
 
 #[task]
@@ -114,10 +87,7 @@ fn a_direct_call_runs_now_as_a_task_run_and_returns_its_value() {
     let runs = runs_in(flow_run);
     assert_eq!(runs.len(), 1, "the direct call made one task run");
     assert_eq!(runs[0].task_name, "add");
-    let states: Vec<_> = states_of(runs[0].id)
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
+    let states: Vec<_> = states_of(runs[0].id).iter().map(|s| s.name.clone()).collect();
     assert_eq!(states, ["Pending", "Running", "Completed"]);
 }
 
@@ -134,9 +104,7 @@ fn arguments_can_be_values_references_futures_and_lists_of_futures() {
         let total = sum.submit(&futures);
         let slice_total = sum.submit(&futures[..2]);
         let array_total = sum.submit([three.clone(), three]);
-        total.result().unwrap() * 10_000
-            + slice_total.result().unwrap() * 100
-            + array_total.result().unwrap()
+        total.result().unwrap() * 10_000 + slice_total.result().unwrap() * 100 + array_total.result().unwrap()
     }
     assert_eq!(arithmetic().unwrap(), 25 * 10_000 + 8 * 100 + 6);
 }
@@ -153,27 +121,10 @@ fn upstream_futures_become_recorded_task_inputs() {
         (a.task_run_id(), b.task_run_id(), total.task_run_id())
     }
     let (a, b, total) = graph().unwrap();
-    let info = recorder()
-        .task_runs
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r.id == total)
-        .cloned()
-        .unwrap();
+    let info = recorder().task_runs.lock().unwrap().iter().find(|r| r.id == total).cloned().unwrap();
     assert_eq!(info.inputs, vec![("values".to_owned(), vec![a, b])]);
-    let b_info = recorder()
-        .task_runs
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r.id == b)
-        .cloned()
-        .unwrap();
-    assert_eq!(
-        b_info.inputs,
-        vec![("a".to_owned(), vec![a]), ("b".to_owned(), vec![])]
-    );
+    let b_info = recorder().task_runs.lock().unwrap().iter().find(|r| r.id == b).cloned().unwrap();
+    assert_eq!(b_info.inputs, vec![("a".to_owned(), vec![a]), ("b".to_owned(), vec![])]);
 }
 
 #[test]
@@ -184,12 +135,7 @@ fn map_makes_one_run_per_element_and_zips_iterables() {
         let with_constant = add.map(0..3, unmapped(100));
         let seeds = add.map(vec![1, 2], unmapped(0));
         let from_futures = add.map(&seeds, unmapped(add.submit(1, 1)));
-        let values = |futures: Vec<PrefectFuture<i64>>| {
-            futures
-                .iter()
-                .map(|f| f.result().unwrap())
-                .collect::<Vec<_>>()
-        };
+        let values = |futures: Vec<PrefectFuture<i64>>| futures.iter().map(|f| f.result().unwrap()).collect::<Vec<_>>();
         (values(zipped), values(with_constant), values(from_futures))
     }
     let (zipped, with_constant, from_futures) = mapped().unwrap();
@@ -205,12 +151,7 @@ fn map_over_iterables_of_different_lengths_fails_the_flow_with_a_clear_error() {
         add.map(vec![1, 2, 3], vec![1, 2]);
     }
     let error = uneven().unwrap_err();
-    assert!(
-        error
-            .message()
-            .contains("iterables of different lengths: 'a' has 3 item(s) but 'b' has 2"),
-        "{error}"
-    );
+    assert!(error.message().contains("iterables of different lengths: 'a' has 3 item(s) but 'b' has 2"), "{error}");
 }
 
 #[test]
@@ -219,18 +160,12 @@ fn wait_for_orders_runs_without_passing_values() {
     #[task]
     fn record(step: String, pause_ms: u64) {
         std::thread::sleep(Duration::from_millis(pause_ms));
-        STEPS
-            .lock()
-            .unwrap()
-            .push(if step == "first" { "first" } else { "second" });
+        STEPS.lock().unwrap().push(if step == "first" { "first" } else { "second" });
     }
     #[flow]
     fn ordered() {
         let first = record.submit("first".to_owned(), 300);
-        record
-            .wait_for(&first)
-            .submit("second".to_owned(), 0)
-            .wait(None);
+        record.wait_for(&first).submit("second".to_owned(), 0).wait(None);
     }
     ordered().unwrap();
     assert_eq!(*STEPS.lock().unwrap(), ["first", "second"]);
@@ -257,10 +192,7 @@ fn futures_wait_report_state_and_ids() {
         (early, during, done, future.result().unwrap())
     }
     let (early, during, done, value) = waiting().unwrap();
-    assert!(
-        early.is_none(),
-        "the run cannot finish before the gate opens"
-    );
+    assert!(early.is_none(), "the run cannot finish before the gate opens");
     assert!(matches!(during, StateType::Pending | StateType::Running));
     assert!(done.is_completed());
     assert_eq!(value, 7);
@@ -298,25 +230,15 @@ fn errors_and_panics_fail_the_run_with_their_message() {
     fn failing() -> (TaskError, TaskError, State) {
         let error = divide.submit(1, 0);
         let panic = explode.submit("kaboom".to_owned());
-        (
-            error.result().unwrap_err(),
-            panic.result().unwrap_err(),
-            panic.state(),
-        )
+        (error.result().unwrap_err(), panic.result().unwrap_err(), panic.state())
     }
     let (error, panic, panic_state) = failing().unwrap();
     assert!(matches!(error, TaskError::Failed { .. }), "{error:?}");
-    assert!(
-        error.to_string().contains("cannot divide 1 by zero"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("cannot divide 1 by zero"), "{error}");
     assert!(error.task_run().starts_with("divide-"));
     assert!(matches!(panic, TaskError::Failed { .. }), "{panic:?}");
     assert!(panic.message().contains("kaboom"), "{panic}");
-    assert!(
-        panic.message().contains("engine.rs"),
-        "the panic's location is kept: {panic}"
-    );
+    assert!(panic.message().contains("engine.rs"), "the panic's location is kept: {panic}");
     assert_eq!(panic_state.state_type, StateType::Failed);
 }
 
@@ -335,16 +257,12 @@ fn a_run_downstream_of_a_failure_does_not_run_and_names_the_upstream() {
         let after = count_and_add.wait_for(&downstream).submit(1);
         let error = downstream.result().unwrap_err();
         after.wait(None);
-        (
-            failed.task_run_name().to_owned(),
-            downstream.state(),
-            after.result().unwrap_err(),
-        )
-            .clone()
-            .pipe(|(name, state, after)| {
+        (failed.task_run_name().to_owned(), downstream.state(), after.result().unwrap_err()).clone().pipe(
+            |(name, state, after)| {
                 assert!(matches!(error, TaskError::NotReady { .. }), "{error:?}");
                 (name, state, after)
-            })
+            },
+        )
     }
     trait Pipe: Sized {
         fn pipe<R>(self, f: impl FnOnce(Self) -> R) -> R {
@@ -353,16 +271,9 @@ fn a_run_downstream_of_a_failure_does_not_run_and_names_the_upstream() {
     }
     impl<T> Pipe for T {}
     let (failed_name, state, after) = chain().unwrap();
-    assert_eq!(
-        RAN.load(Ordering::SeqCst),
-        0,
-        "neither downstream run executed"
-    );
+    assert_eq!(RAN.load(Ordering::SeqCst), 0, "neither downstream run executed");
     assert_eq!(state.name, "NotReady");
-    assert!(
-        state.message.as_deref().unwrap().contains(&failed_name),
-        "{state}"
-    );
+    assert!(state.message.as_deref().unwrap().contains(&failed_name), "{state}");
     assert!(matches!(after, TaskError::NotReady { .. }));
 }
 
@@ -393,21 +304,9 @@ fn the_flow_fails_on_err_on_panic_and_on_returned_failed_futures_only() {
     let error = panics().unwrap_err();
     assert!(error.message().contains("flow went wrong"), "{error}");
     let error = returns_failed_future().unwrap_err();
-    assert!(
-        error
-            .message()
-            .starts_with("1/1 returned task run(s) did not complete; 'divide-"),
-        "{error}"
-    );
-    assert!(
-        error.message().contains("cannot divide 1 by zero"),
-        "{error}"
-    );
-    assert_eq!(
-        drops_failed_future().unwrap(),
-        3,
-        "an unreturned failure does not fail the flow (Prefect 3)"
-    );
+    assert!(error.message().starts_with("1/1 returned task run(s) did not complete; 'divide-"), "{error}");
+    assert!(error.message().contains("cannot divide 1 by zero"), "{error}");
+    assert_eq!(drops_failed_future().unwrap(), 3, "an unreturned failure does not fail the flow (Prefect 3)");
 }
 
 #[test]
@@ -425,31 +324,13 @@ fn retries_wait_their_delays_and_end_completed() {
     fn retrying() -> (usize, Uuid, Duration) {
         let started = Instant::now();
         let future = flaky.submit();
-        (
-            future.result().unwrap(),
-            future.task_run_id(),
-            started.elapsed(),
-        )
+        (future.result().unwrap(), future.task_run_id(), started.elapsed())
     }
     let (value, id, elapsed) = retrying().unwrap();
     assert_eq!(value, 2, "third attempt succeeds");
-    assert!(
-        elapsed >= Duration::from_millis(600),
-        "both delays were waited: {elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(600), "both delays were waited: {elapsed:?}");
     let names: Vec<_> = states_of(id).iter().map(|s| s.name.clone()).collect();
-    assert_eq!(
-        names,
-        [
-            "Pending",
-            "Running",
-            "AwaitingRetry",
-            "Retrying",
-            "AwaitingRetry",
-            "Retrying",
-            "Completed"
-        ]
-    );
+    assert_eq!(names, ["Pending", "Running", "AwaitingRetry", "Retrying", "AwaitingRetry", "Retrying", "Completed"]);
 }
 
 #[test]
@@ -457,10 +338,7 @@ fn a_task_that_exhausts_its_retries_fails_with_the_last_error() {
     static ATTEMPTS: AtomicUsize = AtomicUsize::new(0);
     #[task(retries = 1)]
     fn always_fails() -> Result<(), String> {
-        Err(format!(
-            "attempt {}",
-            ATTEMPTS.fetch_add(1, Ordering::SeqCst) + 1
-        ))
+        Err(format!("attempt {}", ATTEMPTS.fetch_add(1, Ordering::SeqCst) + 1))
     }
     #[flow]
     fn exhausted() -> TaskError {
@@ -486,12 +364,7 @@ fn a_timeout_fails_the_run_and_says_so() {
     let error = timing_out().unwrap();
     RELEASE.get().unwrap().wait();
     assert!(matches!(error, TaskError::Failed { .. }));
-    assert!(
-        error
-            .message()
-            .contains("Task run exceeded timeout of 0.2 second(s)"),
-        "{error}"
-    );
+    assert!(error.message().contains("Task run exceeded timeout of 0.2 second(s)"), "{error}");
 }
 
 #[test]
@@ -507,11 +380,7 @@ fn the_thread_pool_runs_tasks_in_parallel() {
     fn gathering() -> Vec<bool> {
         meet.map(0..5).iter().map(|f| f.result().unwrap()).collect()
     }
-    assert_eq!(
-        gathering().unwrap(),
-        vec![true; 5],
-        "five runs met at a barrier of five: they ran at once"
-    );
+    assert_eq!(gathering().unwrap(), vec![true; 5], "five runs met at a barrier of five: they ran at once");
 }
 
 #[test]
@@ -539,23 +408,12 @@ fn task_options_and_run_name_templates_apply() {
     #[flow]
     fn named() -> (String, Uuid, String) {
         let future = greet.submit("world".to_owned(), '!');
-        (
-            future.task_run_name().to_owned(),
-            future.task_run_id(),
-            future.result().unwrap(),
-        )
+        (future.task_run_name().to_owned(), future.task_run_id(), future.result().unwrap())
     }
     let (name, id, greeting) = named().unwrap();
     assert_eq!(name, "greet-world");
     assert_eq!(greeting, "hello world!");
-    let info = recorder()
-        .task_runs
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r.id == id)
-        .cloned()
-        .unwrap();
+    let info = recorder().task_runs.lock().unwrap().iter().find(|r| r.id == id).cloned().unwrap();
     assert_eq!(info.task_name, "greeter");
     assert_eq!(info.tags, ["io", "greeting"]);
     assert_eq!(greet.name(), "greeter");
@@ -567,11 +425,7 @@ fn with_options_changes_runs_submitted_through_it() {
     static ATTEMPTS: AtomicUsize = AtomicUsize::new(0);
     #[task]
     fn once_bad() -> Result<(), String> {
-        if ATTEMPTS.fetch_add(1, Ordering::SeqCst) == 0 {
-            Err("first".into())
-        } else {
-            Ok(())
-        }
+        if ATTEMPTS.fetch_add(1, Ordering::SeqCst) == 0 { Err("first".into()) } else { Ok(()) }
     }
     #[flow]
     fn retried() -> Result<(), TaskError> {
@@ -596,21 +450,10 @@ fn a_subflow_is_its_own_flow_run_under_its_parent() {
     let (value, child_run, parent_run) = parent().unwrap();
     assert_eq!(value, 42);
     assert_ne!(child_run, parent_run);
-    let info = recorder()
-        .flow_runs
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r.id == child_run)
-        .cloned()
-        .unwrap();
+    let info = recorder().flow_runs.lock().unwrap().iter().find(|r| r.id == child_run).cloned().unwrap();
     assert_eq!(info.parent.as_ref().unwrap().flow_run_id, parent_run);
     assert_eq!(info.parameters, serde_json::json!({"x": 41}));
-    assert_eq!(
-        runs_in(child_run).len(),
-        1,
-        "the child's task run belongs to the child"
-    );
+    assert_eq!(runs_in(child_run).len(), 1, "the child's task run belongs to the child");
 }
 
 #[test]
@@ -646,11 +489,7 @@ fn flow_retries_run_the_function_again() {
     #[flow(retries = 2)]
     fn stubborn(limit: usize) -> Result<usize, String> {
         let call = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
-        if call < limit {
-            Err(format!("call {call}"))
-        } else {
-            Ok(call)
-        }
+        if call < limit { Err(format!("call {call}")) } else { Ok(call) }
     }
     assert_eq!(stubborn(3).unwrap(), 3);
 }
@@ -663,16 +502,8 @@ fn a_flow_timeout_fails_the_flow_run() {
     }
     let started = Instant::now();
     let error = too_slow().unwrap_err();
-    assert!(
-        error
-            .message()
-            .contains("exceeded timeout of 0.3 second(s)"),
-        "{error}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the caller did not wait for the abandoned function"
-    );
+    assert!(error.message().contains("exceeded timeout of 0.3 second(s)"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2), "the caller did not wait for the abandoned function");
 }
 
 #[test]
@@ -689,16 +520,10 @@ fn async_tasks_and_flows() {
         let timed_out = sleepy.submit(5_000).await.unwrap_err();
         (direct, submitted, timed_out)
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (direct, submitted, timed_out) = runtime.block_on(asynchronous()).unwrap();
     assert_eq!((direct, submitted), (1, 2));
-    assert!(
-        timed_out.message().contains("exceeded timeout"),
-        "{timed_out}"
-    );
+    assert!(timed_out.message().contains("exceeded timeout"), "{timed_out}");
 }
 
 #[test]

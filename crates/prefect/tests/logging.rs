@@ -38,7 +38,9 @@ fn events_carry_their_run_and_runs_log_start_and_final_state() {
     let buffer = Buffer::default();
     let writer = buffer.clone();
     let subscriber = tracing_subscriber::registry().with(prefect::logging::layer()).with(
-        tracing_subscriber::fmt::layer().event_format(prefect::logging::PrefectFormat).with_writer(move || writer.clone()),
+        tracing_subscriber::fmt::layer()
+            .event_format(prefect::logging::PrefectFormat)
+            .with_writer(move || writer.clone()),
     );
     tracing::subscriber::set_global_default(subscriber).unwrap();
 

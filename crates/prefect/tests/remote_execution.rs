@@ -28,7 +28,8 @@ fn child_executes_a_task_by_key() {
     let payload = unhex(&std::env::var("TASK_PAYLOAD").unwrap());
     let task = registry::lookup(&key).expect("the task is registered in this binary");
     assert_eq!(task.fingerprint, std::env::var("TASK_FINGERPRINT").unwrap());
-    let execution = prefect::task_engine::execute(task, payload, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+    let execution =
+        prefect::task_engine::execute(task, payload, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
     assert!(execution.state.is_completed(), "{}", execution.state);
     println!("RESULT={}", hex(&execution.result.unwrap()));
 }
@@ -59,7 +60,13 @@ fn undecodable_arguments_name_the_task_and_parameter() {
     let definition = scale.task().definition();
     let payload = assemble(&[Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])], &[]);
     let mut states = Vec::new();
-    let execution = prefect::task_engine::execute(definition, payload, &TaskOptions::default().retries(3), &tracing::Span::none(), &mut |s| states.push(s.name));
+    let execution = prefect::task_engine::execute(
+        definition,
+        payload,
+        &TaskOptions::default().retries(3),
+        &tracing::Span::none(),
+        &mut |s| states.push(s.name),
+    );
     assert!(execution.state.is_failed());
     assert_eq!(states, ["Running"], "a payload that cannot decode is not retried");
     let message = execution.state.message.unwrap();

@@ -1,0 +1,325 @@
+"""The driver side of prefect-ray for Rust: submits Rust task runs to Ray.
+
+Started by the Rust runner with its commands on stdin and its replies on stdout (both
+length-prefixed MessagePack frames); everything else that Ray or Python prints goes to
+stderr, which the runner forwards to its log. One bridge is one Ray driver: it starts a
+temporary local instance or connects to an existing cluster, and shuts down (ending what it
+started) when the runner says so, when its stdin closes because the runner died, or on
+SIGTERM.
+"""
+
+import collections
+import functools
+import json
+import os
+import shutil
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+
+import msgpack
+
+class Writer:
+    """Writes reply frames from any thread; a thread of its own batches them."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.queue = collections.deque()
+        self.ready = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="prefect-ray-writer", daemon=True)
+        self.thread.start()
+
+    def send(self, message):
+        frame = msgpack.packb(message, use_bin_type=True)
+        with self.ready:
+            self.queue.append(struct.pack("<I", len(frame)) + frame)
+            self.ready.notify()
+
+    def _run(self):
+        while True:
+            with self.ready:
+                while not self.queue and not self.closed:
+                    self.ready.wait()
+                if not self.queue and self.closed:
+                    return
+                frames = list(self.queue)
+                self.queue.clear()
+            data = memoryview(b"".join(frames))
+            try:
+                while data:
+                    written = os.write(self.fd, data)
+                    data = data[written:]
+            except OSError:
+                return
+
+    def close(self):
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+        self.thread.join(timeout=10)
+
+
+def read_exactly(stream, length):
+    data = stream.read(length)
+    if data is None or len(data) < length:
+        return None
+    return data
+
+
+def read_frame(stream):
+    header = read_exactly(stream, 4)
+    if header is None:
+        return None
+    (length,) = struct.unpack("<I", header)
+    body = read_exactly(stream, length)
+    if body is None:
+        return None
+    return msgpack.unpackb(body, raw=False)
+
+
+def log(message):
+    print(f"prefect-ray bridge: {message}", file=sys.stderr, flush=True)
+
+
+class Bridge:
+    def __init__(self, writer, config):
+        self.writer = writer
+        self.config = config
+        self.refs = {}
+        self.functions = {}
+        self.infeasible = {}
+        self.nodes = []
+        self.nodes_at = 0.0
+        self.started_local = False
+
+    # -- start and stop -------------------------------------------------------------------
+
+    def start(self):
+        import ray
+
+        self.ray = ray
+        config = self.config
+        kwargs = dict(config.get("init_kwargs") or {})
+        kwargs.setdefault("namespace", "prefect")
+        address = config.get("address")
+        kwargs.setdefault("log_to_driver", False)
+        if address:
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            modules = list(runtime_env.get("py_modules") or [])
+            modules.append(config["worker_package"])
+            runtime_env["py_modules"] = modules
+            kwargs["runtime_env"] = runtime_env
+            context = ray.init(address=address, **kwargs)
+        else:
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
+            kwargs.setdefault("include_dashboard", False)
+            kwargs.setdefault("_temp_dir", config["temp_dir"])
+            context = ray.init(**kwargs)
+            self.started_local = True
+        self.refresh_nodes(force=True)
+        dashboard = getattr(context, "dashboard_url", None)
+        self.writer.send(
+            {
+                "ready": {
+                    "nodes": sum(1 for node in self.nodes if node.get("Alive")),
+                    "dashboard_url": dashboard or "",
+                    "ray_version": ray.__version__,
+                    "started_local": self.started_local,
+                },
+            }
+        )
+
+    def stop(self):
+        ray = getattr(self, "ray", None)
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+    # -- cluster resources ----------------------------------------------------------------
+
+    def refresh_nodes(self, force=False):
+        if force or time.monotonic() - self.nodes_at > 5.0:
+            self.nodes = self.ray.nodes()
+            self.nodes_at = time.monotonic()
+
+    def unmet_request(self, options):
+        """Why no live node can ever run a task with these options, or None."""
+        demand = {"CPU": float(options.get("num_cpus", 1) or 0), "GPU": float(options.get("num_gpus", 0) or 0)}
+        if options.get("memory"):
+            demand["memory"] = float(options["memory"])
+        for name, amount in (options.get("resources") or {}).items():
+            demand[name] = float(amount)
+        demand = {name: amount for name, amount in demand.items() if amount > 0}
+        if not demand or options.get("scheduling_strategy") not in (None, "DEFAULT", "SPREAD"):
+            return None
+        for attempt in range(2):
+            self.refresh_nodes(force=attempt > 0)
+            alive = [node for node in self.nodes if node.get("Alive")]
+            if any(all(node.get("Resources", {}).get(name, 0) >= amount for name, amount in demand.items()) for node in alive):
+                return None
+        largest = ", ".join(
+            "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(node.get("Resources", {}).items()) if not k.startswith("node:") and k != "object_store_memory") + "}"
+            for node in alive
+        )
+        asked = ", ".join(f"{k}: {v:g}" for k, v in demand.items())
+        return (
+            f"no node of the Ray cluster can ever meet this request ({asked}); its {len(alive)} live node(s) have {largest}. "
+            f"Lower the request, or add a node that has it"
+        )
+
+    # -- commands -------------------------------------------------------------------------
+
+    def define(self, function_id, task_name, options_json):
+        options = json.loads(options_json)
+        import prefect_ray_worker
+
+        options.setdefault("name", task_name)
+        options["num_returns"] = 2
+        options.setdefault("retry_exceptions", [prefect_ray_worker.ExecutorCrashed])
+        unmet = self.unmet_request(options)
+        if unmet:
+            self.infeasible[function_id] = unmet
+            return
+        remote = self.ray.remote(prefect_ray_worker.named(task_name))
+        try:
+            self.functions[function_id] = remote.options(**options)
+        except Exception as error:
+            self.infeasible[function_id] = f"Ray refused the task's options {options_json}: {error}"
+
+    def submit(self, key, function_id, executor, header, data_keys, status_keys):
+        function = self.functions.get(function_id)
+        if function is None:
+            reason = self.infeasible.get(function_id, "unknown function")
+            self.writer.send({"failed": [key, "failed", reason]})
+            return
+        try:
+            dependencies = [self.refs[k][1] for k in data_keys] + [self.refs[k][0] for k in status_keys]
+            status_ref, value_ref = function.remote(executor, header, *dependencies)
+        except Exception as error:
+            self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
+            return
+        self.refs[key] = (status_ref, value_ref)
+        status_ref._on_completed(functools.partial(self.on_status, key))
+
+    def on_status(self, key, result):
+        if isinstance(result, (bytes, bytearray)):
+            self.writer.send({"done": [key, bytes(result)]})
+        else:
+            kind, message = classify(result)
+            self.writer.send({"failed": [key, kind, message]})
+
+    def get(self, request, key):
+        refs = self.refs.get(key)
+        if refs is None:
+            self.writer.send({"value_error": [request, "the value was already released"]})
+            return
+        refs[1]._on_completed(functools.partial(self.on_value, request))
+
+    def on_value(self, request, result):
+        if isinstance(result, (bytes, bytearray)):
+            self.writer.send({"value": [request, bytes(result)]})
+        else:
+            self.writer.send({"value_error": [request, classify(result)[1]]})
+
+    def release(self, keys):
+        for key in keys:
+            self.refs.pop(key, None)
+
+    def cancel(self, key, force):
+        refs = self.refs.get(key)
+        if refs is not None:
+            try:
+                self.ray.cancel(refs[0], force=force)
+            except Exception as error:
+                log(f"could not cancel: {error}")
+
+    def stats(self, request):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.writer.send({"stats": [request, {"peak_rss_bytes": peak, "objects": len(self.refs)}]})
+
+
+def classify(error):
+    """The run's final state kind and a one-line message for a Ray error. The trampoline
+    reports task failures in the status it returns, so an error here means Ray could not
+    run the task to its end: it crashed, unless it was cancelled."""
+    cause = getattr(error, "cause", None)
+    if "TaskCancelledError" in (type(error).__name__, type(cause).__name__):
+        return "cancelled", "the task was cancelled in Ray"
+    if type(cause).__name__ == "ExecutorCrashed":
+        return "crashed", str(cause)
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return "crashed", f"{type(error).__name__}: {lines[-1] if lines else 'no details'}"
+
+
+def main():
+    commands = os.fdopen(0, "rb", buffering=1 << 16)
+    replies = os.dup(1)
+    os.dup2(2, 1)
+    writer = Writer(replies)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    config = read_frame(commands)
+    if config is None:
+        return 0
+    bridge = None
+    try:
+        try:
+            import ray  # noqa: F401
+        except ImportError as error:
+            writer.send({"fatal": [f"Ray is not installed for {sys.executable} ({error})", ""]})
+            return 1
+        bridge = Bridge(writer, config)
+        try:
+            bridge.start()
+        except Exception as error:
+            lines = [line for line in str(error).strip().splitlines() if line.strip()]
+            writer.send({"fatal": [f"{type(error).__name__}: {lines[0] if lines else ''}", traceback.format_exc()]})
+            return 1
+        handlers = {
+            "define": bridge.define,
+            "submit": bridge.submit,
+            "get": bridge.get,
+            "release": bridge.release,
+            "cancel": bridge.cancel,
+            "stats": bridge.stats,
+        }
+        while not stop.is_set():
+            message = read_frame(commands)
+            if message is None or message == "shutdown":
+                break
+            ((name, arguments),) = message.items()
+            handler = handlers.get(name)
+            if handler is None:
+                log(f"unknown command {name!r}")
+                continue
+            try:
+                handler(*arguments)
+            except Exception:
+                log(f"command {name} failed:\n{traceback.format_exc()}")
+    finally:
+        if bridge is not None:
+            try:
+                bridge.stop()
+            except Exception:
+                log(f"ray.shutdown failed:\n{traceback.format_exc()}")
+        writer.send("bye")
+        writer.close()
+        temp_dir = config.get("temp_dir")
+        if bridge is not None and bridge.started_local and temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

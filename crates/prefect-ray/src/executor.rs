@@ -1,0 +1,322 @@
+//! Executor mode: this program, started by a Ray worker to run its tasks.
+//!
+//! The worker's trampoline starts the user's own binary with `PREFECT_RAY_EXECUTOR` set to
+//! the numbers of two pipe descriptors. A constructor sees the variable before `main` runs,
+//! serves task runs over those pipes until the worker closes them, and exits; `main` never
+//! runs. The task's stdout and stderr are captured per run (and copied to the worker's log),
+//! `tracing` events are recorded, and both travel back with the run's states.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use chrono::Utc;
+use prefect::args::assemble;
+use prefect::runner::not_ready;
+use prefect::{State, registry, task_engine};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+use crate::envelope::{self, CallHeader, OutputLine, RunReport, Stream};
+use crate::frame::{read_parts, write_parts};
+
+/// The environment variable that puts a program in executor mode.
+pub const EXECUTOR_ENV: &str = "PREFECT_RAY_EXECUTOR";
+
+/// How many lines of output one run keeps; the rest are counted and dropped.
+pub const MAX_OUTPUT_LINES: usize = 10_000;
+
+#[ctor::ctor(unsafe)]
+fn enter_executor_mode() {
+    let Some(fds) = std::env::var_os(EXECUTOR_ENV) else { return };
+    // SAFETY: constructors run before main, on the only thread there is.
+    unsafe { std::env::remove_var(EXECUTOR_ENV) };
+    let parsed: Option<(RawFd, RawFd)> = fds.to_str().and_then(|text| {
+        let (commands, replies) = text.split_once(',')?;
+        Some((commands.parse().ok()?, replies.parse().ok()?))
+    });
+    let Some((commands, replies)) = parsed else {
+        eprintln!("prefect-ray executor: {EXECUTOR_ENV} must be two descriptors, like 3,4; got {fds:?}");
+        std::process::exit(2);
+    };
+    serve(commands, replies);
+}
+
+/// Serves task runs until the worker closes the command pipe.
+fn serve(commands: RawFd, replies: RawFd) -> ! {
+    // SAFETY: the trampoline passed these descriptors for this purpose; nothing else owns them.
+    let (mut commands, mut replies) = unsafe { (File::from_raw_fd(commands), File::from_raw_fd(replies)) };
+    let output = Output::capture();
+    let subscriber = tracing_subscriber::registry().with(RecordEvents(output.clone()));
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    loop {
+        let parts = match read_parts(&mut commands) {
+            Ok(Some(parts)) => parts,
+            Ok(None) => std::process::exit(0),
+            Err(error) => {
+                eprintln!("prefect-ray executor: the command pipe broke: {error}");
+                std::process::exit(1);
+            }
+        };
+        let (report, value) = run(&parts, &output);
+        let restart = task_engine::abandoned_attempts_running();
+        let control: &[u8] = if restart { b"exit" } else { b"" };
+        if let Err(error) = write_parts(&mut replies, &[&envelope::encode_report(&report), &value, control]) {
+            eprintln!("prefect-ray executor: the reply pipe broke: {error}");
+            std::process::exit(1);
+        }
+        if restart {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Runs one task run from its header and its dependencies' values and reports.
+fn run(parts: &[Vec<u8>], output: &Output) -> (RunReport, Vec<u8>) {
+    output.begin();
+    let mut states = Vec::new();
+    let value = execute(parts, &mut states);
+    let (lines, dropped_lines) = output.end();
+    let report = RunReport { states, output: lines, dropped_lines, pid: std::process::id() };
+    let value = match (&value, report.states.last()) {
+        (Some(bytes), Some(last)) if last.is_completed() => envelope::encode_value(Ok(bytes)),
+        (_, last) => envelope::encode_value(Err(&last.map_or_else(|| "no state".to_owned(), State::to_string))),
+    };
+    (report, value)
+}
+
+fn execute(parts: &[Vec<u8>], states: &mut Vec<State>) -> Option<Vec<u8>> {
+    let Some((header, dependencies)) = parts.split_first() else {
+        states.push(State::crashed("the worker sent an empty call"));
+        return None;
+    };
+    let header: CallHeader = match rmp_serde::from_slice(header) {
+        Ok(header) => header,
+        Err(error) => {
+            states.push(State::crashed(format!("the worker sent a call this executor cannot read: {error}")));
+            return None;
+        }
+    };
+    let (values, reports) = dependencies.split_at(header.upstreams.len().min(dependencies.len()));
+    let mut upstream_values = Vec::with_capacity(values.len());
+    for (name, blob) in header.upstreams.iter().zip(values) {
+        match envelope::decode_value(blob) {
+            Ok(value) => upstream_values.push(value),
+            Err(state) => {
+                states.push(not_ready_from(name, &state));
+                return None;
+            }
+        }
+    }
+    for (name, blob) in header.wait_for.iter().zip(reports) {
+        if blob.first() != Some(&envelope::COMPLETED) {
+            let state = envelope::decode_report(blob)
+                .ok()
+                .and_then(|r| r.states.last().map(State::to_string))
+                .unwrap_or_else(|| "an unknown state".into());
+            states.push(not_ready_from(name, &state));
+            return None;
+        }
+    }
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+    let Some(task) = registry::lookup(&header.task_key) else {
+        states.push(State::failed(format!(
+            "task '{}' is not in the executor binary {exe}: it was built from other code; rebuild, and run the flow again",
+            header.task_key
+        )));
+        return None;
+    };
+    if task.fingerprint != header.fingerprint {
+        states.push(State::failed(format!(
+            "the executor binary {exe} has another version of task '{}' than the flow that submitted it; rebuild, and run the flow again",
+            task.name
+        )));
+        return None;
+    }
+    let payload = assemble(&header.args, &upstream_values);
+    let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
+    let execution = task_engine::execute(task, payload, &header.options, &span, &mut |state| states.push(state));
+    states.push(execution.state);
+    execution.result
+}
+
+/// `NotReady` for an upstream run whose final state is shown as `state`.
+fn not_ready_from(upstream: &str, state: &str) -> State {
+    let mut ready = not_ready(upstream, &State::failed(""));
+    ready.message = Some(format!("Upstream task run '{upstream}' did not reach a 'COMPLETED' state: {state}"));
+    ready
+}
+
+/// The lines a run writes, to stdout, stderr or `tracing`.
+#[derive(Clone)]
+struct Output(Arc<Captured>);
+
+struct Captured {
+    state: Mutex<CaptureState>,
+    synced: Condvar,
+    /// The worker's own stderr, where recorded events are copied for Ray's logs.
+    worker_stderr: Mutex<Option<File>>,
+}
+
+#[derive(Default)]
+struct CaptureState {
+    lines: Vec<OutputLine>,
+    dropped: u64,
+    sync_seen: [u64; 2],
+}
+
+const SYNC_MARK: &str = "\u{1}prefect-ray-sync ";
+
+impl Output {
+    /// Points this process's stdout and stderr at pipes read by threads that record each
+    /// line and copy it to the worker's own stdout and stderr (Ray's log files).
+    fn capture() -> Self {
+        let output =
+            Output(Arc::new(Captured { state: Mutex::default(), synced: Condvar::new(), worker_stderr: Mutex::new(None) }));
+        for (index, (fd, stream)) in [(1, Stream::Stdout), (2, Stream::Stderr)].into_iter().enumerate() {
+            match redirect(fd) {
+                Ok((pipe, original)) => {
+                    if fd == 2 {
+                        *output.0.worker_stderr.lock().unwrap_or_else(|p| p.into_inner()) = original.try_clone().ok();
+                    }
+                    let output = output.clone();
+                    std::thread::spawn(move || output.pump(index, stream, pipe, original));
+                }
+                Err(error) => eprintln!("prefect-ray executor: output of tasks will not be captured: {error}"),
+            }
+        }
+        output
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CaptureState> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads one captured stream. The empty line that the sync mark's leading newline makes
+    /// after output that ended with a newline is not the task's, so it is dropped.
+    fn pump(&self, index: usize, stream: Stream, pipe: File, mut original: File) {
+        let mut reader = BufReader::new(pipe);
+        let mut buffer = Vec::new();
+        let mut held_empty_line = false;
+        loop {
+            buffer.clear();
+            match reader.read_until(b'\n', &mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(buffer.strip_suffix(b"\n").unwrap_or(&buffer)).into_owned();
+            if let Some(number) = line.strip_prefix(SYNC_MARK) {
+                held_empty_line = false;
+                self.lock().sync_seen[index] = number.parse().unwrap_or(0);
+                self.0.synced.notify_all();
+                continue;
+            }
+            if std::mem::take(&mut held_empty_line) {
+                let _ = writeln!(original);
+                self.record(stream, String::new());
+            }
+            if line.is_empty() {
+                held_empty_line = true;
+                continue;
+            }
+            let _ = writeln!(original, "{line}");
+            self.record(stream, line);
+        }
+    }
+
+    fn record(&self, stream: Stream, text: String) {
+        let mut state = self.lock();
+        if state.lines.len() >= MAX_OUTPUT_LINES {
+            state.dropped += 1;
+        } else {
+            state.lines.push(OutputLine { time: Utc::now(), stream, text });
+        }
+    }
+
+    fn begin(&self) {
+        let mut state = self.lock();
+        state.lines.clear();
+        state.dropped = 0;
+    }
+
+    /// The run's lines, once everything it wrote has been read.
+    fn end(&self) -> (Vec<OutputLine>, u64) {
+        static SYNCS: OnceLock<Mutex<u64>> = OnceLock::new();
+        let number = {
+            let mut count = SYNCS.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+            *count += 1;
+            *count
+        };
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        for fd in [1, 2] {
+            let mark = format!("\n{SYNC_MARK}{number}\n");
+            // SAFETY: writes a buffer to a descriptor this process owns.
+            unsafe { libc::write(fd, mark.as_ptr().cast(), mark.len()) };
+        }
+        let mut state = self.lock();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while state.sync_seen.iter().any(|seen| *seen < number) && std::time::Instant::now() < deadline {
+            state = self.0.synced.wait_timeout(state, std::time::Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        (std::mem::take(&mut state.lines), std::mem::take(&mut state.dropped))
+    }
+}
+
+/// Makes `fd` the write end of a new pipe; returns its read end and a copy of the old `fd`.
+fn redirect(fd: RawFd) -> std::io::Result<(File, File)> {
+    let mut ends = [0; 2];
+    // SAFETY: plain descriptor calls on descriptors this process owns; results are checked.
+    unsafe {
+        if libc::pipe(ends.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let original = libc::dup(fd);
+        if original < 0 || libc::dup2(ends[1], fd) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(ends[1]);
+        libc::fcntl(ends[0], libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(original, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok((File::from_raw_fd(ends[0]), File::from_raw_fd(original)))
+    }
+}
+
+/// Records `tracing` events of the running task (info and above, or what `RUST_LOG` asks).
+struct RecordEvents(Output);
+
+impl<S: Subscriber> Layer<S> for RecordEvents {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        metadata.is_span() || *metadata.level() <= max_level()
+    }
+
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => 1,
+            tracing::Level::WARN => 2,
+            tracing::Level::INFO => 3,
+            tracing::Level::DEBUG => 4,
+            tracing::Level::TRACE => 5,
+        };
+        let text = prefect::logging::event_message(event);
+        if let Some(stderr) = self.0.0.worker_stderr.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = writeln!(stderr, "{} {text}", event.metadata().level());
+        }
+        self.0.record(Stream::Log(level), text);
+    }
+}
+
+fn max_level() -> tracing::Level {
+    static LEVEL: OnceLock<tracing::Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let directive = std::env::var("RUST_LOG").or_else(|_| std::env::var("PREFECT_LOGGING_LEVEL")).unwrap_or_default();
+        match directive.to_ascii_lowercase().as_str() {
+            "trace" => tracing::Level::TRACE,
+            "debug" => tracing::Level::DEBUG,
+            "warn" | "warning" => tracing::Level::WARN,
+            "error" => tracing::Level::ERROR,
+            _ => tracing::Level::INFO,
+        }
+    })
+}

@@ -1,0 +1,89 @@
+//! Length-prefixed frames: how the runner talks to its bridge, and the trampoline to an
+//! executor.
+
+use std::io::{self, Read, Write};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Writes one MessagePack frame: a little-endian `u32` length, then the message.
+pub fn write_message<T: Serialize + ?Sized>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    let body = rmp_serde::to_vec(message).map_err(io::Error::other)?;
+    let length = u32::try_from(body.len()).map_err(|_| io::Error::other("a message over 4 GiB"))?;
+    out.write_all(&length.to_le_bytes())?;
+    out.write_all(&body)
+}
+
+/// Reads one MessagePack frame; `None` at a clean end of the stream.
+pub fn read_message<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+    let mut length = [0u8; 4];
+    match input.read_exact(&mut length) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let mut body = vec![0u8; u32::from_le_bytes(length) as usize];
+    input.read_exact(&mut body)?;
+    rmp_serde::from_slice(&body).map(Some).map_err(io::Error::other)
+}
+
+/// Writes byte strings as one frame: a `u32` count, a `u64` length each, then the bytes.
+pub fn write_parts(out: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut header = Vec::with_capacity(4 + 8 * parts.len());
+    header.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for part in parts {
+        header.extend_from_slice(&(part.len() as u64).to_le_bytes());
+    }
+    out.write_all(&header)?;
+    for part in parts {
+        out.write_all(part)?;
+    }
+    out.flush()
+}
+
+/// Reads a frame written by [`write_parts`]; `None` at a clean end of the stream.
+pub fn read_parts(input: &mut impl Read) -> io::Result<Option<Vec<Vec<u8>>>> {
+    let mut count = [0u8; 4];
+    match input.read_exact(&mut count) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let count = u32::from_le_bytes(count) as usize;
+    let mut lengths = vec![0u8; 8 * count];
+    input.read_exact(&mut lengths)?;
+    lengths
+        .chunks_exact(8)
+        .map(|length| {
+            let mut part = vec![0u8; u64::from_le_bytes(length.try_into().expect("8 bytes")) as usize];
+            input.read_exact(&mut part)?;
+            Ok(part)
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_round_trip_and_end_cleanly() {
+        let mut buffer = Vec::new();
+        write_parts(&mut buffer, &[b"header", b"", &[7u8; 1000]]).unwrap();
+        let mut reader = buffer.as_slice();
+        let parts = read_parts(&mut reader).unwrap().unwrap();
+        assert_eq!(parts, vec![b"header".to_vec(), Vec::new(), vec![7u8; 1000]]);
+        assert!(read_parts(&mut reader).unwrap().is_none());
+    }
+
+    #[test]
+    fn messages_round_trip_and_a_cut_frame_is_an_error() {
+        let mut buffer = Vec::new();
+        write_message(&mut buffer, &("submit", 7u64, vec![1u64, 2])).unwrap();
+        let (name, key, deps): (String, u64, Vec<u64>) = read_message(&mut buffer.as_slice()).unwrap().unwrap();
+        assert_eq!((name.as_str(), key, deps), ("submit", 7, vec![1, 2]));
+        let cut = &buffer[..buffer.len() - 1];
+        assert!(read_message::<(String, u64, Vec<u64>)>(&mut &cut[..]).is_err());
+    }
+}

@@ -1,0 +1,28 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod bridge;
+mod envelope;
+mod error;
+mod executor;
+mod frame;
+mod python;
+mod remote;
+mod report;
+mod runner;
+mod signals;
+
+pub use error::RayError;
+pub use remote::{RemoteOptions, remote_options};
+pub use runner::RayTaskRunner;
+
+/// Figures about this process's connection to Ray, for checking where data went.
+pub mod diagnostics {
+    pub use crate::bridge::BridgeStats;
+
+    /// The figures of the live Ray bridge (this program's Ray driver process), if one is
+    /// running: its peak memory, and how many task values it holds references to.
+    pub fn bridge_stats() -> Option<BridgeStats> {
+        crate::bridge::live_stats()
+    }
+}

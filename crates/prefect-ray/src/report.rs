@@ -1,0 +1,102 @@
+//! Turning what came back from Ray into the task run's states, logs and value.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prefect::State;
+use prefect::logging::TIMESTAMP_FIELD;
+use prefect::runner::not_ready;
+use prefect::task_run::{ResultData, TaskRunHandle};
+
+use crate::bridge::PendingRun;
+use crate::envelope::{self, OutputLine, Stream};
+
+/// Applies a run's report: replays its output under the run's name, then its states.
+pub fn apply(pending: &PendingRun, report: &[u8], value: Option<ResultData>) {
+    let run = &pending.run;
+    let report = match envelope::decode_report(report) {
+        Ok(report) => report,
+        Err(error) => {
+            run.finish(State::crashed(format!("the executor sent {error}")), None);
+            return;
+        }
+    };
+    {
+        let _entered = run.span().enter();
+        report.output.iter().for_each(replay);
+        if report.dropped_lines > 0 {
+            tracing::warn!(
+                target: "prefect::task_runs",
+                "{} more line(s) of output were dropped: a run keeps at most {} lines",
+                report.dropped_lines,
+                crate::executor::MAX_OUTPUT_LINES
+            );
+        }
+    }
+    let mut states = report.states;
+    let Some(last) = states.pop() else {
+        run.finish(State::crashed("the executor reported no state"), None);
+        return;
+    };
+    for state in states {
+        run.set_state(state);
+    }
+    let value = if last.is_completed() { value } else { None };
+    run.finish(last, value);
+}
+
+/// Emits one line of a task's output as an event of its run, stamped with its first time.
+fn replay(line: &OutputLine) {
+    let time = line.time.to_rfc3339();
+    let text = line.text.as_str();
+    macro_rules! emit {
+        ($level:expr) => {
+            tracing::event!(target: "prefect::task_runs", $level, { TIMESTAMP_FIELD } = time.as_str(), "{text}")
+        };
+    }
+    match line.stream {
+        Stream::Stdout => emit!(tracing::Level::INFO),
+        Stream::Stderr => emit!(tracing::Level::WARN),
+        Stream::Log(1) => emit!(tracing::Level::ERROR),
+        Stream::Log(2) => emit!(tracing::Level::WARN),
+        Stream::Log(3) => emit!(tracing::Level::INFO),
+        Stream::Log(4) => emit!(tracing::Level::DEBUG),
+        Stream::Log(_) => emit!(tracing::Level::TRACE),
+    }
+}
+
+/// Ends a run that Ray could not finish. A run whose dependency did not complete ends
+/// `NotReady` (Ray fails it with the dependency's error); otherwise `kind` decides.
+/// Decided once every dependency has finished, whatever order Ray reports them in.
+pub fn fail(pending: PendingRun, kind: String, message: String) {
+    let unfinished: Vec<TaskRunHandle> = pending.dependencies.iter().filter(|d| !d.is_finished()).cloned().collect();
+    if unfinished.is_empty() {
+        decide(&pending, &kind, &message);
+        return;
+    }
+    let waiting = Arc::new(AtomicUsize::new(unfinished.len()));
+    let decision = Arc::new(std::sync::Mutex::new(Some((pending, kind, message))));
+    for dependency in unfinished {
+        let (waiting, decision) = (waiting.clone(), decision.clone());
+        dependency.on_finish(move |_| {
+            if waiting.fetch_sub(1, Ordering::AcqRel) == 1
+                && let Some((pending, kind, message)) = decision.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
+                decide(&pending, &kind, &message);
+            }
+        });
+    }
+}
+
+fn decide(pending: &PendingRun, kind: &str, message: &str) {
+    if let Some(upstream) = pending.dependencies.iter().find(|d| !d.state().is_completed()) {
+        pending.run.finish(not_ready(upstream.name(), &upstream.state()), None);
+        return;
+    }
+    let state = match kind {
+        "cancelled" => State::cancelled(message),
+        "failed" => State::failed(message),
+        _ => State::crashed(message),
+    };
+    pending.run.finish(state, None);
+}

@@ -1,0 +1,256 @@
+//! The RayTaskRunner.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prefect::State;
+use prefect::args::Arg;
+use prefect::observe::FlowRunInfo;
+use prefect::runner::{RunnerError, TaskRunSpec, TaskRunner, not_ready};
+use prefect::task_run::TaskRunHandle;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::bridge::{Bridge, BridgeConfig, PendingRun, RayObject};
+use crate::envelope::CallHeader;
+
+/// Runs task runs as Ray tasks: on a temporary local Ray instance by default, or on an
+/// existing cluster given by [`address`](Self::address).
+///
+/// Each run becomes a Ray task named after its task. The task's code runs in this same
+/// program, started by each Ray worker as a long-lived executor. Futures passed as
+/// arguments travel as Ray object references, so a value goes from the worker that made it
+/// to the worker that needs it without passing through this process; it comes here only
+/// when `.result()` asks.
+///
+/// # Examples
+///
+/// ```no_run
+/// use prefect::{flow, task};
+/// use prefect_ray::RayTaskRunner;
+///
+/// #[task]
+/// fn shout(number: u32) {
+///     println!("#{number}");
+/// }
+///
+/// #[flow(task_runner = RayTaskRunner::new())]
+/// fn count_to(highest_number: u32) {
+///     for number in 0..highest_number {
+///         shout.submit(number);
+///     }
+/// }
+///
+/// count_to(10).unwrap();
+/// ```
+pub struct RayTaskRunner {
+    config: BridgeConfig,
+    bridge: Mutex<Option<Arc<Bridge>>>,
+}
+
+impl Default for RayTaskRunner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RayTaskRunner {
+    /// A runner that starts a temporary local Ray instance for the flow run, bound to
+    /// 127.0.0.1, and ends it with the run. If this process is connected to Ray already
+    /// (a parent flow runs on Ray), it uses that connection instead.
+    pub fn new() -> Self {
+        Self {
+            config: BridgeConfig {
+                address: None,
+                init_kwargs: Map::new(),
+                python: None,
+                ship_executor: true,
+                max_in_flight: 10_000,
+                connect_timeout: Duration::from_secs(120),
+            },
+            bridge: Mutex::new(None),
+        }
+    }
+
+    /// Connects to an existing cluster instead, which the runner never shuts down:
+    /// `ray://host:10001` through Ray Client, `host:6379` (the GCS address), or `auto`.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.config.address = Some(address.into());
+        self
+    }
+
+    /// Keyword arguments for `ray.init`, as a JSON object, such as
+    /// `json!({"num_cpus": 2, "runtime_env": {"env_vars": {"KEY": "value"}}})`.
+    /// `namespace` defaults to "prefect".
+    ///
+    /// # Panics
+    ///
+    /// If `kwargs` does not serialize to a JSON object.
+    pub fn init_kwargs(mut self, kwargs: impl Serialize) -> Self {
+        match serde_json::to_value(kwargs) {
+            Ok(Value::Object(map)) => self.config.init_kwargs.extend(map),
+            other => panic!("init_kwargs must serialize to a JSON object, got {other:?}"),
+        }
+        self
+    }
+
+    /// The Python that has Ray, instead of the one found by default
+    /// (`PREFECT_RAY_PYTHON`, then the nearest `.venv`, then `python3`).
+    pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.config.python = Some(python.into());
+        self
+    }
+
+    /// Whether to ship this program to an existing cluster's workers with Ray's
+    /// `runtime_env` (the default), or to run it from the same path on every node, for
+    /// clusters that share this machine's filesystem.
+    pub fn ship_executor(mut self, ship: bool) -> Self {
+        self.config.ship_executor = ship;
+        self
+    }
+
+    /// How many runs may be submitted and unfinished at once (10,000 by default);
+    /// `submit` waits when there are more, which keeps memory bounded in huge maps.
+    pub fn max_in_flight(mut self, runs: usize) -> Self {
+        self.config.max_in_flight = runs.max(1);
+        self
+    }
+
+    /// How long to wait for Ray to start or accept the connection (120 s by default).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    fn bridge(&self) -> Option<Arc<Bridge>> {
+        self.bridge.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl TaskRunner for RayTaskRunner {
+    fn name(&self) -> String {
+        match &self.config.address {
+            Some(address) => format!("RayTaskRunner(address={address})"),
+            None => "RayTaskRunner".to_owned(),
+        }
+    }
+
+    fn start(&self, _flow_run: &FlowRunInfo) -> Result<(), RunnerError> {
+        let (bridge, reused) = Bridge::acquire(&self.config)?;
+        let info = bridge.info();
+        let dashboard = if info.dashboard_url.is_empty() {
+            String::new()
+        } else {
+            let url = info.dashboard_url.clone();
+            let url = if url.starts_with("http") { url } else { format!("http://{url}") };
+            format!("; dashboard at {url}")
+        };
+        let what = match (reused, info.started_local, &self.config.address) {
+            (true, _, _) => "Using this process's Ray connection".to_owned(),
+            (false, true, _) => "Started a temporary local Ray instance".to_owned(),
+            (false, false, Some(address)) => format!("Connected to the Ray cluster at {address}"),
+            (false, false, None) => "Connected to Ray".to_owned(),
+        };
+        tracing::info!(
+            target: "prefect::flow_run",
+            "{what} (Ray {}): {} live node(s){dashboard}",
+            info.ray_version,
+            info.nodes
+        );
+        *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(bridge);
+        Ok(())
+    }
+
+    fn submit(&self, spec: TaskRunSpec) {
+        let Some(bridge) = self.bridge() else {
+            spec.run.finish(State::crashed("the RayTaskRunner was not started"), None);
+            return;
+        };
+        let shared = bridge.shared();
+        let task = spec.run.task();
+
+        // Values of runs of this Ray session travel as object references; others (from
+        // another runner) are fetched here and sent as values.
+        let mut value_keys = Vec::new();
+        let mut upstream_names = Vec::new();
+        let mut replacements = Vec::with_capacity(spec.upstreams.len());
+        for upstream in &spec.upstreams {
+            match upstream.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
+                Some(object) => {
+                    replacements.push(Arg::Upstream(value_keys.len()));
+                    value_keys.push(object.key);
+                    upstream_names.push(upstream.name().to_owned());
+                }
+                None => match upstream.result_bytes() {
+                    Ok(bytes) => replacements.push(Arg::Value(bytes.to_vec())),
+                    Err(_) => {
+                        spec.run.finish(not_ready(upstream.name(), &upstream.state()), None);
+                        return;
+                    }
+                },
+            }
+        }
+        let mut report_keys = Vec::new();
+        let mut wait_names = Vec::new();
+        for waited in &spec.wait_for {
+            match waited.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
+                Some(object) => {
+                    report_keys.push(object.key);
+                    wait_names.push(waited.name().to_owned());
+                }
+                None => {
+                    waited.wait(None);
+                    if !waited.state().is_completed() {
+                        spec.run.finish(not_ready(waited.name(), &waited.state()), None);
+                        return;
+                    }
+                }
+            }
+        }
+        let header = CallHeader {
+            task_key: task.key.to_owned(),
+            fingerprint: task.fingerprint.to_owned(),
+            run_id: spec.run.id(),
+            run_name: spec.run.name().to_owned(),
+            args: spec.args.into_iter().map(|arg| replace_upstreams(arg, &replacements)).collect(),
+            options: spec.options.clone(),
+            upstreams: upstream_names,
+            wait_for: wait_names,
+        };
+        let header = match rmp_serde::to_vec_named(&header) {
+            Ok(header) => header,
+            Err(error) => {
+                spec.run.finish(State::crashed(format!("could not encode the call: {error}")), None);
+                return;
+            }
+        };
+        let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
+            Ok(function) => function,
+            Err(message) => {
+                spec.run.finish(State::crashed(message), None);
+                return;
+            }
+        };
+        let dependencies: Vec<TaskRunHandle> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
+        shared.submit(PendingRun { run: spec.run, dependencies }, function, &header, &value_keys, &report_keys);
+    }
+
+    fn stop(&self) {
+        self.bridge.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn cancel_pending(&self, _reason: &str) {
+        if let Some(bridge) = self.bridge() {
+            bridge.shared().cancel_all();
+        }
+    }
+}
+
+fn replace_upstreams(arg: Arg, replacements: &[Arg]) -> Arg {
+    match arg {
+        Arg::Upstream(index) => replacements[index].clone(),
+        Arg::List(items) => Arg::List(items.into_iter().map(|item| replace_upstreams(item, replacements)).collect()),
+        value => value,
+    }
+}

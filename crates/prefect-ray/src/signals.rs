@@ -1,0 +1,50 @@
+//! Ctrl-C and SIGTERM end the temporary Ray instances this process started before the
+//! process goes.
+
+use std::sync::{Arc, Mutex, Once, Weak};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::bridge::Shared;
+
+static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Remembers a bridge to shut down on a signal.
+pub fn register(shared: &Arc<Shared>) {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|weak| weak.strong_count() > 0);
+    live.push(Arc::downgrade(shared));
+}
+
+/// Starts the thread that waits for SIGINT, SIGTERM and SIGHUP. On one, it shuts down every
+/// live bridge (and with them the temporary Ray instances), then ends the process as the
+/// signal would have.
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+            Ok(signals) => signals,
+            Err(error) => {
+                tracing::warn!(target: "prefect_ray", "could not watch for Ctrl-C ({error}); a temporary Ray instance may outlive an interrupted program");
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new().name("prefect-ray-signals".into()).spawn(move || {
+            let mut signals = signals;
+            if let Some(signal) = signals.forever().next() {
+                let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+                if live.iter().any(|weak| weak.strong_count() > 0) {
+                    eprintln!("prefect-ray: interrupted; shutting down Ray before exiting");
+                }
+                for shared in live.iter().filter_map(Weak::upgrade) {
+                    shared.shut_down();
+                }
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+                std::process::exit(128 + signal);
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::warn!(target: "prefect_ray", "could not start the signal thread: {error}");
+        }
+    });
+}
