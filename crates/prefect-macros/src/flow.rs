@@ -88,13 +88,13 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     };
     let run = match (signature.is_async, timeout.is_some()) {
         (true, _) => {
-            quote! { ::prefect::__private::run_flow_async(&__FLOW, __options, __parameters, #runner, #body_closure).await }
+            quote! { ::prefect::__private::run_flow_async(&__FLOW, __options, __parameters, __runner, #body_closure).await }
         }
         (false, true) => {
-            quote! { ::prefect::__private::run_flow_timed(&__FLOW, __options, __parameters, #runner, #body_closure) }
+            quote! { ::prefect::__private::run_flow_timed(&__FLOW, __options, __parameters, __runner, #body_closure) }
         }
         (false, false) => {
-            quote! { ::prefect::__private::run_flow(&__FLOW, __options, __parameters, #runner, #body_closure) }
+            quote! { ::prefect::__private::run_flow(&__FLOW, __options, __parameters, __runner, #body_closure) }
         }
     };
 
@@ -102,7 +102,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         #(#outer_attrs)*
         #[allow(clippy::too_many_arguments)]
         #vis #asyncness fn #ident(#(#names: #types),*) -> ::core::result::Result<#value, ::prefect::FlowError> {
-            #[allow(clippy::too_many_arguments)]
+            // Parameters may serve only the attribute (a runner's address, say).
+            #[allow(clippy::too_many_arguments, unused_variables)]
             #inner
 
             #(#parameter_checks)*
@@ -114,6 +115,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             let mut __parameter_map = ::prefect::__private::serde_json::Map::new();
             #( __parameter_map.insert(::std::string::String::from(#parameter_names), ::prefect::__private::parameter_json(&#names)); )*
             let __parameters = ::prefect::__private::serde_json::Value::Object(__parameter_map);
+            // The runner first: its expression may use the parameters.
+            let __runner = #runner;
             let __options = ::prefect::FlowOptions {
                 retries: #retries,
                 retry_delay_seconds: #retry_delay,

@@ -39,6 +39,7 @@ pub struct BridgeConfig {
     pub ship_executor: bool,
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
+    pub auth_token: Option<String>,
 }
 
 /// What the bridge found when it connected.
@@ -209,21 +210,30 @@ impl Shared {
             .prefix("prefect-ray-")
             .tempdir_in(short_temp_root())
             .map_err(|e| RayError::Setup(format!("could not create a temporary directory: {e}")))?;
-        let package = temp_dir.path().join("prefect_ray_worker");
-        let bridge_path = temp_dir.path().join("prefect_ray_bridge.py");
+        // The bridge script apart from the worker package: Ray puts the driver script's
+        // directory on workers' paths, which would shadow the package shipped to a cluster.
+        let modules = temp_dir.path().join("modules");
+        let package = modules.join("prefect_ray_worker");
+        let bridge_dir = temp_dir.path().join("bridge");
+        let bridge_path = bridge_dir.join("prefect_ray_bridge.py");
         let write = |path: &Path, text: &str| {
             std::fs::write(path, text).map_err(|e| RayError::Setup(format!("could not write {}: {e}", path.display())))
         };
-        std::fs::create_dir_all(package.join("bin")).map_err(|e| RayError::Setup(format!("could not create {}: {e}", package.display())))?;
+        for dir in [package.join("bin"), bridge_dir.clone()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| RayError::Setup(format!("could not create {}: {e}", dir.display())))?;
+        }
         write(&package.join("__init__.py"), WORKER_SOURCE)?;
         write(&bridge_path, BRIDGE_SOURCE)?;
-        let executable = std::env::current_exe().map_err(|e| RayError::Setup(format!("could not find this program's executable: {e}")))?;
+        let executable = std::env::current_exe()
+            .map_err(|e| RayError::Setup(format!("could not find this program's executable: {e}")))?;
         let executor = if config.address.is_some() && config.ship_executor {
             let name = executable.file_name().map_or("executor".into(), |n| n.to_string_lossy().into_owned());
             let shipped = package.join("bin").join(&name);
             if std::fs::hard_link(&executable, &shipped).is_err() {
-                std::fs::copy(&executable, &shipped)
-                    .map_err(|e| RayError::Setup(format!("could not copy {} to ship it to Ray: {e}", executable.display())))?;
+                std::fs::copy(&executable, &shipped).map_err(|e| {
+                    RayError::Setup(format!("could not copy {} to ship it to Ray: {e}", executable.display()))
+                })?;
             }
             format!("shipped:{name}")
         } else {
@@ -234,12 +244,32 @@ impl Shared {
         command
             .arg("-u")
             .arg(&bridge_path)
-            .env("PYTHONPATH", prepend_path(temp_dir.path(), std::env::var_os("PYTHONPATH")))
+            .env("PYTHONPATH", prepend_path(&modules, std::env::var_os("PYTHONPATH")))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if std::env::var_os("RAY_USAGE_STATS_ENABLED").is_none() {
             command.env("RAY_USAGE_STATS_ENABLED", "0");
+        }
+        let has_token =
+            std::env::var_os("RAY_AUTH_TOKEN").is_some() || std::env::var_os("RAY_AUTH_TOKEN_PATH").is_some();
+        match (&config.auth_token, &config.address) {
+            (Some(token), _) => {
+                command.env("RAY_AUTH_TOKEN", token).env_remove("RAY_AUTH_TOKEN_PATH");
+            }
+            // A temporary instance gets a token of its own, so token authentication stays on
+            // without Ray writing one into ~/.ray.
+            (None, None) if !has_token => {
+                command.env("RAY_AUTH_TOKEN", uuid::Uuid::new_v4().simple().to_string());
+            }
+            _ => {}
+        }
+        // Ray Client only presents a token in token mode, which a driver otherwise enters
+        // only for a token it finds in ~/.ray.
+        if (config.auth_token.is_some() || has_token || config.address.is_none())
+            && std::env::var_os("RAY_AUTH_MODE").is_none()
+        {
+            command.env("RAY_AUTH_MODE", "token");
         }
         // Its own process group: a Ctrl-C at the terminal reaches this program, which then
         // shuts the bridge down in order, instead of reaching Ray's processes all at once.
@@ -262,13 +292,11 @@ impl Shared {
         init.insert("init_kwargs".into(), Value::Object(config.init_kwargs.clone()));
         init.insert("temp_dir".into(), Value::String(temp_dir.path().join("ray").to_string_lossy().into_owned()));
         init.insert("worker_package".into(), Value::String(package.to_string_lossy().into_owned()));
-        let sent = rmp_serde::to_vec_named(&init)
-            .map_err(std::io::Error::other)
-            .and_then(|body| {
-                commands.write_all(&(body.len() as u32).to_le_bytes())?;
-                commands.write_all(&body)?;
-                commands.flush()
-            });
+        let sent = rmp_serde::to_vec_named(&init).map_err(std::io::Error::other).and_then(|body| {
+            commands.write_all(&(body.len() as u32).to_le_bytes())?;
+            commands.write_all(&body)?;
+            commands.flush()
+        });
 
         let (ready_sender, ready_receiver) = mpsc::channel();
         let mut replies = BufReader::with_capacity(1 << 16, replies);
@@ -304,7 +332,10 @@ impl Shared {
                         ),
                     },
                     _ if last.contains("No module named") => RayError::NoRay(python::install_hint(&python)),
-                    _ => RayError::Connect { target, message: format!("the bridge process ({}) exited: {last}", python.display()) },
+                    _ => RayError::Connect {
+                        target,
+                        message: format!("the bridge process ({}) exited: {last}", python.display()),
+                    },
                 });
             }
         };
@@ -397,7 +428,9 @@ impl Shared {
             dispatch.runs.insert(key, pending);
         }
         run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
-        if let Err(message) = self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys)) {
+        if let Err(message) =
+            self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys))
+        {
             if let Some(pending) = self.take_run(key) {
                 pending.run.finish(State::crashed(message), None);
             }
@@ -427,7 +460,9 @@ impl Shared {
             lock(&self.dispatch).requests.remove(&request);
             return Err(error);
         }
-        receiver.recv().unwrap_or_else(|_| Err(format!("the Ray bridge stopped before it answered{}", self.last_words())))
+        receiver
+            .recv()
+            .unwrap_or_else(|_| Err(format!("the Ray bridge stopped before it answered{}", self.last_words())))
     }
 
     /// Fetches a value blob.

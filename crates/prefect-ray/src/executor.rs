@@ -172,8 +172,11 @@ impl Output {
     /// Points this process's stdout and stderr at pipes read by threads that record each
     /// line and copy it to the worker's own stdout and stderr (Ray's log files).
     fn capture() -> Self {
-        let output =
-            Output(Arc::new(Captured { state: Mutex::default(), synced: Condvar::new(), worker_stderr: Mutex::new(None) }));
+        let output = Output(Arc::new(Captured {
+            state: Mutex::default(),
+            synced: Condvar::new(),
+            worker_stderr: Mutex::new(None),
+        }));
         for (index, (fd, stream)) in [(1, Stream::Stdout), (2, Stream::Stderr)].into_iter().enumerate() {
             match redirect(fd) {
                 Ok((pipe, original)) => {
@@ -258,7 +261,12 @@ impl Output {
         let mut state = self.lock();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while state.sync_seen.iter().any(|seen| *seen < number) && std::time::Instant::now() < deadline {
-            state = self.0.synced.wait_timeout(state, std::time::Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+            state = self
+                .0
+                .synced
+                .wait_timeout(state, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         (std::mem::take(&mut state.lines), std::mem::take(&mut state.dropped))
     }
@@ -310,7 +318,8 @@ impl<S: Subscriber> Layer<S> for RecordEvents {
 fn max_level() -> tracing::Level {
     static LEVEL: OnceLock<tracing::Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let directive = std::env::var("RUST_LOG").or_else(|_| std::env::var("PREFECT_LOGGING_LEVEL")).unwrap_or_default();
+        let directive =
+            std::env::var("RUST_LOG").or_else(|_| std::env::var("PREFECT_LOGGING_LEVEL")).unwrap_or_default();
         match directive.to_ascii_lowercase().as_str() {
             "trace" => tracing::Level::TRACE,
             "debug" => tracing::Level::DEBUG,

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod bridge;
+mod cluster;
 mod envelope;
 mod error;
 mod executor;
@@ -15,6 +16,11 @@ mod signals;
 pub use error::RayError;
 pub use remote::{RemoteOptions, remote_options};
 pub use runner::RayTaskRunner;
+
+/// Throwaway local Ray clusters, for tests and examples.
+pub mod testing {
+    pub use crate::cluster::{LocalCluster, LocalClusterBuilder};
+}
 
 /// Figures about this process's connection to Ray, for checking where data went.
 pub mod diagnostics {

@@ -68,6 +68,7 @@ impl RayTaskRunner {
                 ship_executor: true,
                 max_in_flight: 10_000,
                 connect_timeout: Duration::from_secs(120),
+                auth_token: None,
             },
             bridge: Mutex::new(None),
         }
@@ -114,6 +115,13 @@ impl RayTaskRunner {
     /// `submit` waits when there are more, which keeps memory bounded in huge maps.
     pub fn max_in_flight(mut self, runs: usize) -> Self {
         self.config.max_in_flight = runs.max(1);
+        self
+    }
+
+    /// The token to present to a cluster with token authentication (Ray's default), instead
+    /// of `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.config.auth_token = Some(token.into());
         self
     }
 

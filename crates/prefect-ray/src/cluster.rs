@@ -1,0 +1,287 @@
+//! Throwaway Ray clusters on this machine, for tests and examples.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::error::RayError;
+use crate::python;
+
+/// A Ray cluster started with `ray start` on 127.0.0.1, with token authentication on, for
+/// tests and examples: a head node and any number of extra nodes, each in a process group
+/// of its own. Dropping it ends every process it started and removes its directory.
+///
+/// # Examples
+///
+/// ```no_run
+/// use prefect_ray::testing::LocalCluster;
+///
+/// let cluster = LocalCluster::builder()
+///     .num_cpus(2)
+///     .node(1, [("special", 1.0)], [("NODE_NAME", "special")])
+///     .start()
+///     .unwrap();
+/// println!("GCS at {}, Ray Client at {}", cluster.gcs_address(), cluster.client_address());
+/// ```
+pub struct LocalCluster {
+    nodes: Vec<Child>,
+    gcs_address: String,
+    client_address: String,
+    auth_token: String,
+    dashboard_url: Option<String>,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// How to start a [`LocalCluster`].
+#[derive(Clone, Debug)]
+pub struct LocalClusterBuilder {
+    python: Option<PathBuf>,
+    num_cpus: u32,
+    head_env: Vec<(String, String)>,
+    dashboard: bool,
+    nodes: Vec<NodeSpec>,
+}
+
+#[derive(Clone, Debug)]
+struct NodeSpec {
+    num_cpus: u32,
+    resources: Map<String, Value>,
+    env: Vec<(String, String)>,
+}
+
+impl LocalCluster {
+    /// A builder for a cluster whose head has 2 CPUs, a Ray Client server, and no dashboard.
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder { python: None, num_cpus: 2, head_env: Vec::new(), dashboard: false, nodes: Vec::new() }
+    }
+
+    /// The GCS address, `127.0.0.1:port`.
+    pub fn gcs_address(&self) -> &str {
+        &self.gcs_address
+    }
+
+    /// The Ray Client address, `ray://127.0.0.1:port`.
+    pub fn client_address(&self) -> &str {
+        &self.client_address
+    }
+
+    /// The token that connecting drivers must present.
+    pub fn auth_token(&self) -> &str {
+        &self.auth_token
+    }
+
+    /// The dashboard's URL, when it was asked for.
+    pub fn dashboard_url(&self) -> Option<&str> {
+        self.dashboard_url.as_deref()
+    }
+
+    /// The cluster's directory (Ray's `--temp-dir`): sessions, logs, runtime resources.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().rev() {
+            stop_group(node);
+        }
+        self.dir.take();
+    }
+}
+
+impl LocalClusterBuilder {
+    /// The head node's CPUs.
+    pub fn num_cpus(mut self, cpus: u32) -> Self {
+        self.num_cpus = cpus;
+        self
+    }
+
+    /// An environment variable for the head node's processes (and so its tasks).
+    pub fn head_env(mut self, name: &str, value: &str) -> Self {
+        self.head_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the dashboard too, on a free port of 127.0.0.1.
+    pub fn dashboard(mut self, dashboard: bool) -> Self {
+        self.dashboard = dashboard;
+        self
+    }
+
+    /// Adds a node with `cpus` CPUs, custom resources, and environment variables for its
+    /// processes (and so its tasks).
+    pub fn node<'a>(
+        mut self,
+        cpus: u32,
+        resources: impl IntoIterator<Item = (&'a str, f64)>,
+        env: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        self.nodes.push(NodeSpec {
+            num_cpus: cpus,
+            resources: resources.into_iter().map(|(k, v)| (k.to_owned(), Value::from(v))).collect(),
+            env: env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+        });
+        self
+    }
+
+    /// The Python that has Ray, instead of the one found by default.
+    pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.python = Some(python.into());
+        self
+    }
+
+    /// Starts the head, then the other nodes, and waits until each says it is up.
+    ///
+    /// # Errors
+    ///
+    /// If Python or Ray is missing, or a node does not start.
+    pub fn start(self) -> Result<LocalCluster, RayError> {
+        let python = python::find(self.python.as_deref());
+        let dir = tempfile::Builder::new()
+            .prefix("prt-")
+            .tempdir_in("/tmp")
+            .map_err(|e| RayError::Setup(format!("could not create a directory for the cluster: {e}")))?;
+        let auth_token = uuid::Uuid::new_v4().simple().to_string();
+        let (gcs_port, client_port, agent_port) = (free_port()?, free_port()?, free_port()?);
+        let mut cluster = LocalCluster {
+            nodes: Vec::new(),
+            gcs_address: format!("127.0.0.1:{gcs_port}"),
+            client_address: format!("ray://127.0.0.1:{client_port}"),
+            auth_token,
+            dashboard_url: None,
+            dir: Some(dir),
+        };
+        let mut head = vec![
+            "--head".to_owned(),
+            format!("--port={gcs_port}"),
+            format!("--ray-client-server-port={client_port}"),
+            format!("--dashboard-agent-listen-port={agent_port}"),
+            format!("--num-cpus={}", self.num_cpus),
+            format!("--temp-dir={}", cluster.dir().display()),
+        ];
+        if self.dashboard {
+            let port = free_port()?;
+            head.extend([
+                "--include-dashboard=true".to_owned(),
+                "--dashboard-host=127.0.0.1".to_owned(),
+                format!("--dashboard-port={port}"),
+            ]);
+            cluster.dashboard_url = Some(format!("http://127.0.0.1:{port}"));
+        } else {
+            head.push("--include-dashboard=false".to_owned());
+        }
+        let node = start_node(&python, &head, &self.head_env, &cluster.auth_token)?;
+        cluster.nodes.push(node);
+        for spec in &self.nodes {
+            let agent_port = free_port()?;
+            let args = vec![
+                format!("--address={}", cluster.gcs_address),
+                format!("--num-cpus={}", spec.num_cpus),
+                format!("--resources={}", Value::Object(spec.resources.clone())),
+                format!("--dashboard-agent-listen-port={agent_port}"),
+            ];
+            let node = start_node(&python, &args, &spec.env, &cluster.auth_token)?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+}
+
+/// Runs `ray start --block` with `args` in a process group of its own, and waits until it
+/// reports the node up.
+fn start_node(python: &Path, args: &[String], env: &[(String, String)], token: &str) -> Result<Child, RayError> {
+    let mut command = Command::new(python);
+    command
+        .args([
+            "-c",
+            "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())",
+            "start",
+        ])
+        .args(["--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"])
+        .args(args)
+        .env("RAY_USAGE_STATS_ENABLED", "0")
+        .env("RAY_AUTH_MODE", "token")
+        .env("RAY_AUTH_TOKEN", token)
+        .env_remove("RAY_ADDRESS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            RayError::NoPython(python::install_hint(python))
+        } else {
+            RayError::Setup(format!("could not run ray start: {error}"))
+        }
+    })?;
+    let (sender, receiver) = mpsc::channel();
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+    }
+    drop(sender);
+    let mut seen = Vec::new();
+    loop {
+        match receiver.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("Ray runtime started") => {
+                // Keep draining so ray start never blocks on a full pipe.
+                std::thread::spawn(move || receiver.into_iter().for_each(drop));
+                return Ok(child);
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                stop_group(&mut child);
+                let tail: Vec<_> = seen.iter().rev().take(15).rev().cloned().collect();
+                let missing = tail.iter().any(|l| l.contains("No module named"));
+                return Err(if missing {
+                    RayError::NoRay(python::install_hint(python))
+                } else {
+                    RayError::Setup(format!("ray start did not bring the node up:\n{}", tail.join("\n")))
+                });
+            }
+        }
+    }
+}
+
+/// Ends a process group: SIGTERM, a grace period, then SIGKILL.
+fn stop_group(child: &mut Child) {
+    let group = -(child.id() as libc::pid_t);
+    // SAFETY: kill(2) on a process group we created; no memory is involved.
+    unsafe { libc::kill(group, libc::SIGTERM) };
+    for _ in 0..100 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Whatever ignored SIGTERM, and the group's other members, go now.
+    // SAFETY: as above.
+    unsafe { libc::kill(group, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+fn free_port() -> Result<u16, RayError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|e| RayError::Setup(format!("could not find a free port: {e}")))
+}
