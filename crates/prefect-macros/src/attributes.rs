@@ -12,10 +12,23 @@ pub struct Option_ {
     pub value: Value,
 }
 
-/// An option's value.
+/// An option's value: an expression, or a `{"key": value}` map whose values may be maps.
 pub enum Value {
     Expr(Expr),
-    Map(Vec<(LitStr, Expr)>),
+    Map(Vec<(LitStr, Value)>),
+}
+
+impl Parse for Value {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        if input.peek(syn::token::Brace) {
+            let content;
+            braced!(content in input);
+            let entries = Punctuated::<MapEntry, Token![,]>::parse_terminated(&content)?;
+            Ok(Value::Map(entries.into_iter().map(|entry| (entry.key, entry.value)).collect()))
+        } else {
+            Ok(Value::Expr(input.parse()?))
+        }
+    }
 }
 
 impl Parse for Option_ {
@@ -24,21 +37,13 @@ impl Parse for Option_ {
         input
             .parse::<Token![=]>()
             .map_err(|error| syn::Error::new(error.span(), format!("expected `{name} = <value>`")))?;
-        let value = if input.peek(syn::token::Brace) {
-            let content;
-            braced!(content in input);
-            let entries = Punctuated::<MapEntry, Token![,]>::parse_terminated(&content)?;
-            Value::Map(entries.into_iter().map(|entry| (entry.key, entry.value)).collect())
-        } else {
-            Value::Expr(input.parse()?)
-        };
-        Ok(Self { name, value })
+        Ok(Self { name, value: input.parse()? })
     }
 }
 
 struct MapEntry {
     key: LitStr,
-    value: Expr,
+    value: Value,
 }
 
 impl Parse for MapEntry {
@@ -88,20 +93,7 @@ impl Option_ {
 
     /// The value as JSON, for remote options: a map becomes an object.
     pub fn json(&self) -> TokenStream {
-        match &self.value {
-            Value::Expr(expr) => json_of(expr),
-            Value::Map(entries) => {
-                let inserts = entries.iter().map(|(key, value)| {
-                    let value = json_of(value);
-                    quote! { __map.insert(::std::string::String::from(#key), #value); }
-                });
-                quote! {{
-                    let mut __map = ::prefect::__private::serde_json::Map::new();
-                    #(#inserts)*
-                    ::prefect::__private::serde_json::Value::Object(__map)
-                }}
-            }
-        }
+        self.value.json()
     }
 
     /// The value as a list of `f64`: a number, or an array literal of numbers.
@@ -116,9 +108,25 @@ impl Option_ {
     }
 }
 
-fn json_of(expr: &Expr) -> TokenStream {
-    quote! {
-        ::prefect::__private::serde_json::to_value(&(#expr)).expect("remote option values serialize to JSON")
+impl Value {
+    /// The value as JSON: an expression serialized, a map as an object.
+    pub fn json(&self) -> TokenStream {
+        match self {
+            Value::Expr(expr) => quote! {
+                ::prefect::__private::serde_json::to_value(&(#expr)).expect("remote option values serialize to JSON")
+            },
+            Value::Map(entries) => {
+                let inserts = entries.iter().map(|(key, value)| {
+                    let value = value.json();
+                    quote! { __map.insert(::std::string::String::from(#key), #value); }
+                });
+                quote! {{
+                    let mut __map = ::prefect::__private::serde_json::Map::new();
+                    #(#inserts)*
+                    ::prefect::__private::serde_json::Value::Object(__map)
+                }}
+            }
+        }
     }
 }
 

@@ -1,8 +1,7 @@
 //! `#[flow]`: calling the function runs it as a flow run.
 
 use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
-use syn::spanned::Spanned;
+use quote::quote;
 use syn::{ItemFn, LitStr};
 
 use crate::attributes;
@@ -49,9 +48,6 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         Some(expr) => quote! { ::core::option::Option::Some((#expr) as f64) },
         None => quote! { ::core::option::Option::None },
     };
-    let parameter_checks = types.iter().map(|ty| {
-        quote_spanned! { ty.span() => const _: () = ::prefect::__private::assert_flow_parameter::<#ty>(); }
-    });
 
     let mut inner = function.clone();
     inner.sig.ident = syn::Ident::new("__prefect_flow_body", ident.span());
@@ -106,14 +102,19 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             #[allow(clippy::too_many_arguments, unused_variables)]
             #inner
 
-            #(#parameter_checks)*
-
             static __FLOW: ::prefect::__private::FlowDefinition = ::prefect::__private::FlowDefinition {
                 name: #name,
                 key: ::core::concat!(::core::module_path!(), #key),
             };
             let mut __parameter_map = ::prefect::__private::serde_json::Map::new();
-            #( __parameter_map.insert(::std::string::String::from(#parameter_names), ::prefect::__private::parameter_json(&#names)); )*
+            {
+                #[allow(unused_imports)]
+                use ::prefect::__private::{DescribeParameter as _, SerializeParameter as _};
+                #( __parameter_map.insert(
+                    ::std::string::String::from(#parameter_names),
+                    (&::prefect::__private::ParameterProbe(&#names)).parameter_json(),
+                ); )*
+            }
             let __parameters = ::prefect::__private::serde_json::Value::Object(__parameter_map);
             // The runner first: its expression may use the parameters.
             let __runner = #runner;

@@ -5,7 +5,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attributes::{self, Option_};
+use crate::attributes;
 use crate::signature::{Signature, fingerprint};
 
 const OPTIONS: &[&str] = &[
@@ -76,8 +76,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     ));
                 };
                 for (key, value) in entries {
-                    let single = Option_ { name: option.name.clone(), value: attributes::Value::Expr(value.clone()) };
-                    let json = single.json();
+                    let json = value.json();
                     settings
                         .push(quote! { __options.remote_options.insert(::std::string::String::from(#key), #json); });
                 }

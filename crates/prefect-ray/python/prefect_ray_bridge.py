@@ -240,7 +240,9 @@ class Bridge:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.writer.send({"stats": [request, {"peak_rss_bytes": peak, "objects": len(self.refs)}]})
+        namespace = self.ray.get_runtime_context().namespace
+        stats = {"peak_rss_bytes": peak, "objects": len(self.refs), "bridge_pid": os.getpid(), "namespace": namespace}
+        self.writer.send({"stats": [request, stats]})
 
 
 def classify(error):
@@ -315,9 +317,9 @@ def main():
                 log(f"ray.shutdown failed:\n{traceback.format_exc()}")
         writer.send("bye")
         writer.close()
-        temp_dir = config.get("temp_dir")
-        if bridge is not None and bridge.started_local and temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        # Everything the runner set up for this bridge goes with it, also when the runner
+        # died without a word (its stdin closed).
+        shutil.rmtree(config.get("own_dir") or config.get("temp_dir") or "", ignore_errors=True)
     return 0
 
 

@@ -83,6 +83,10 @@ pub struct BridgeStats {
     pub peak_rss_bytes: u64,
     /// How many task values it still holds references to.
     pub objects: u64,
+    /// The bridge's process id.
+    pub bridge_pid: u32,
+    /// The Ray namespace it joined.
+    pub namespace: String,
 }
 
 /// A runner's hold on the bridge; when the last one is dropped, the bridge shuts down.
@@ -292,6 +296,7 @@ impl Shared {
         init.insert("init_kwargs".into(), Value::Object(config.init_kwargs.clone()));
         init.insert("temp_dir".into(), Value::String(temp_dir.path().join("ray").to_string_lossy().into_owned()));
         init.insert("worker_package".into(), Value::String(package.to_string_lossy().into_owned()));
+        init.insert("own_dir".into(), Value::String(temp_dir.path().to_string_lossy().into_owned()));
         let sent = rmp_serde::to_vec_named(&init).map_err(std::io::Error::other).and_then(|body| {
             commands.write_all(&(body.len() as u32).to_le_bytes())?;
             commands.write_all(&body)?;
@@ -502,8 +507,17 @@ impl Shared {
     /// Ends the bridge: Ray shuts down (the temporary instance with it), unfinished runs end
     /// `Crashed`, the temporary directory goes. Safe to call more than once.
     pub fn shut_down(&self) {
+        if self.stop_processes() {
+            self.fail_everything("the Ray session ended before the run finished");
+            self.room.notify_all();
+        }
+    }
+
+    /// Ends the bridge's processes and files without touching its runs, for a process that
+    /// is about to exit on a signal. Returns whether this call did the work.
+    pub fn stop_processes(&self) -> bool {
         if !self.alive.swap(false, Ordering::AcqRel) {
-            return;
+            return false;
         }
         let _ = self.send(&Command_::Shutdown);
         lock(&self.commands).take();
@@ -528,9 +542,8 @@ impl Shared {
                 let _ = thread.join();
             }
         }
-        self.fail_everything("the Ray session ended before the run finished");
-        self.room.notify_all();
         lock(&self.temp_dir).take();
+        true
     }
 
     fn fail_everything(&self, message: &str) {

@@ -36,8 +36,10 @@ pub fn install() {
                 if live.iter().any(|weak| weak.strong_count() > 0) {
                     eprintln!("prefect-ray: interrupted; shutting down Ray before exiting");
                 }
+                // Runs are left as they are: finishing them would let the program carry on
+                // and exit as if nothing happened, before the signal ends it.
                 for shared in live.iter().filter_map(Weak::upgrade) {
-                    shared.shut_down();
+                    shared.stop_processes();
                 }
                 let _ = signal_hook::low_level::emulate_default_handler(signal);
                 std::process::exit(128 + signal);

@@ -47,8 +47,33 @@ pub mod __private {
     /// Checks at compile time that a task's parameter can travel to another process.
     pub const fn assert_task_value<T: TaskValue>() {}
 
-    /// Checks at compile time that a flow's parameter can be reported as JSON.
-    pub const fn assert_flow_parameter<T: serde::Serialize>() {}
+    /// A flow parameter on its way to JSON: serialized when it can be, shown as its type
+    /// name otherwise (autoref specialization: the `Serialize` impl is found first).
+    pub struct ParameterProbe<'a, T>(pub &'a T);
+
+    /// The JSON of a serializable flow parameter.
+    pub trait SerializeParameter {
+        /// The parameter as JSON.
+        fn parameter_json(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> SerializeParameter for ParameterProbe<'_, T> {
+        fn parameter_json(&self) -> serde_json::Value {
+            parameter_json(self.0)
+        }
+    }
+
+    /// The stand-in for a flow parameter that cannot be serialized, as Prefect shows one.
+    pub trait DescribeParameter {
+        /// `"<type name>"`.
+        fn parameter_json(&self) -> serde_json::Value;
+    }
+
+    impl<T> DescribeParameter for &ParameterProbe<'_, T> {
+        fn parameter_json(&self) -> serde_json::Value {
+            serde_json::Value::String(format!("<{}>", std::any::type_name::<T>()))
+        }
+    }
 
     /// A value that can be a task's parameter or result.
     #[diagnostic::on_unimplemented(

@@ -1,0 +1,374 @@
+//! RayTaskRunner on a real Ray cluster (the shared one from `cargo xtask test`, or one of
+//! the test's own): placement, options, data flow, failures.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prefect::{PrefectFuture, State, TaskError, flow, task};
+use prefect_ray::{RemoteOptions, remote_options};
+use serde::{Deserialize, Serialize};
+use support::{Cluster, cluster, max_overlap, now, rendezvous};
+
+/// The title of the process that started this executor: Ray names a worker after the task
+/// it runs (`ray::identify`).
+#[task]
+fn identify(step: u32) -> (u32, String, String) {
+    let parent = std::os::unix::process::parent_id();
+    let title = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
+    let title = String::from_utf8_lossy(&title).replace('\0', " ").trim().to_owned();
+    (step, title, std::env::var("NODE_NAME").unwrap_or_default())
+}
+
+#[task]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[task]
+fn total(values: Vec<i64>) -> i64 {
+    values.iter().sum()
+}
+
+#[task]
+fn nap(millis: u64) -> (f64, f64) {
+    let start = now();
+    std::thread::sleep(Duration::from_millis(millis));
+    (start, now())
+}
+
+#[task(num_cpus = 2)]
+fn nap_on_two_cpus(millis: u64) -> (f64, f64) {
+    let start = now();
+    std::thread::sleep(Duration::from_millis(millis));
+    (start, now())
+}
+
+#[task(resources = {"special": 1})]
+fn on_special(step: u32) -> String {
+    let _ = step;
+    std::env::var("NODE_NAME").unwrap_or_default()
+}
+
+#[task(num_cpus = 64)]
+fn too_big() -> u8 {
+    1
+}
+
+#[task(remote_options = {"runtime_env": {"env_vars": {"PASSED_THROUGH": "yes"}}})]
+fn read_passed_env() -> String {
+    std::env::var("PASSED_THROUGH").unwrap_or_default()
+}
+
+#[task]
+fn meet(dir: PathBuf, name: String, count: usize) -> bool {
+    rendezvous(&dir, &name, count)
+}
+
+#[test]
+fn runs_are_ray_tasks_named_after_their_task() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn identified(cluster: &Cluster) -> Vec<(u32, String, String)> {
+        identify.map(0..3).iter().map(|f| f.result().unwrap()).collect()
+    }
+    let results = identified(&cluster).unwrap();
+    assert_eq!(results.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1, 2]);
+    for (_, title, node) in &results {
+        assert!(title.starts_with("ray::identify"), "the Ray worker runs a task named identify: {title}");
+        assert!(node == "head" || node == "special", "ran on a node of the cluster: {node:?}");
+    }
+}
+
+#[test]
+fn futures_lists_and_wait_for_become_ray_dependencies() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.client_runner())]
+    fn arithmetic(cluster: &Cluster) -> (i64, i64) {
+        let one = add.submit(0, 1);
+        let two = add.submit(&one, &one);
+        let parts: Vec<PrefectFuture<i64>> = add.map(vec![1, 2, 3], [two.clone(), two.clone(), one.clone()]);
+        let sum = total.submit(&parts);
+        let after = add.wait_for((&sum, &parts)).submit(100, 1);
+        (sum.result().unwrap(), after.result().unwrap())
+    }
+    assert_eq!(arithmetic(&cluster).unwrap(), (3 + 4 + 4, 101));
+}
+
+#[test]
+fn a_task_that_needs_two_cpus_runs_alone_on_a_two_cpu_node() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn wide(cluster: &Cluster) -> Vec<(f64, f64)> {
+        nap_on_two_cpus.map(vec![400, 400]).iter().map(|f| f.result().unwrap()).collect()
+    }
+    let intervals = wide(&cluster).unwrap();
+    assert_eq!(max_overlap(&intervals), 1, "only the head has 2 CPUs, so they ran one after the other: {intervals:?}");
+}
+
+#[test]
+fn a_task_that_needs_a_custom_resource_runs_only_where_it_is() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn placed(cluster: &Cluster) -> Vec<String> {
+        on_special.map(0..4).iter().map(|f| f.result().unwrap()).collect()
+    }
+    assert_eq!(placed(&cluster).unwrap(), vec!["special"; 4]);
+}
+
+#[test]
+fn a_request_no_node_can_meet_fails_at_once_with_a_clear_error() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn impossible(cluster: &Cluster) -> TaskError {
+        too_big.submit().result().unwrap_err()
+    }
+    let error = impossible(&cluster).unwrap();
+    assert!(matches!(error, TaskError::Failed { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("no node of the Ray cluster can ever meet this request (CPU: 64)"), "{message}");
+}
+
+#[test]
+fn scoped_remote_options_nest_and_the_inner_scope_wins() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn scoped(cluster: &Cluster) -> (Vec<(f64, f64)>, bool) {
+        let dir = std::env::temp_dir().join(format!("meet-{}", uuid::Uuid::new_v4()));
+        remote_options(RemoteOptions::new().num_cpus(2.0), || {
+            let serial: Vec<_> = nap.map(vec![300, 300]).iter().map(|f| f.result().unwrap()).collect();
+            let met = remote_options(RemoteOptions::new().num_cpus(1.0), || {
+                let a = meet.submit(dir.clone(), "a".to_owned(), 2);
+                let b = meet.submit(dir.clone(), "b".to_owned(), 2);
+                a.result().unwrap() && b.result().unwrap()
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            (serial, met)
+        })
+    }
+    let (serial, met) = scoped(&cluster).unwrap();
+    assert_eq!(max_overlap(&serial), 1, "the outer scope's 2 CPUs per run kept them apart: {serial:?}");
+    assert!(met, "the inner scope's 1 CPU per run let two runs meet");
+}
+
+#[test]
+fn other_ray_options_pass_through() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn passed(cluster: &Cluster) -> String {
+        read_passed_env.submit().result().unwrap()
+    }
+    assert_eq!(passed(&cluster).unwrap(), "yes");
+}
+
+#[task]
+fn fail_with(message: String) -> Result<u8, String> {
+    Err(message)
+}
+
+#[task]
+fn panic_with(message: String) -> u8 {
+    panic!("{message}")
+}
+
+#[task]
+fn plus_one(value: u8) -> u8 {
+    value + 1
+}
+
+/// A number that refuses to be odd when it is read back.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(try_from = "u32")]
+struct Even(u32);
+
+impl TryFrom<u32> for Even {
+    type Error = String;
+    fn try_from(value: u32) -> Result<Self, String> {
+        if value % 2 == 0 { Ok(Even(value)) } else { Err(format!("{value} is odd")) }
+    }
+}
+
+#[task]
+fn half(number: Even) -> u32 {
+    number.0 / 2
+}
+
+#[test]
+fn errors_panics_and_undecodable_arguments_fail_with_their_message() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn failing(cluster: &Cluster) -> (TaskError, TaskError, State, TaskError) {
+        let error = fail_with.submit("bad input".to_owned());
+        let panic = panic_with.submit("kaboom".to_owned());
+        let downstream = plus_one.submit(&error);
+        (error.result().unwrap_err(), panic.result().unwrap_err(), downstream.wait(None).unwrap(), {
+            // An argument whose bytes do not decode as the parameter's type.
+            let mut call = half.task().call();
+            call.arg::<u32, _>("number", 3u32, None);
+            PrefectFuture::<u32>::from_handle(half.task().submit(call)).result().unwrap_err()
+        })
+    }
+    let (error, panic, downstream, undecodable) = failing(&cluster).unwrap();
+    assert!(matches!(error, TaskError::Failed { .. }) && error.message().contains("bad input"), "{error}");
+    assert!(matches!(panic, TaskError::Failed { .. }) && panic.message().contains("Task run panicked: kaboom"), "{panic}");
+    assert_eq!(downstream.name, "NotReady");
+    assert!(downstream.message.as_deref().unwrap().contains(error.task_run()), "{downstream}");
+    assert!(
+        undecodable.message().contains("could not deserialize parameter 'number' of task 'half'")
+            && undecodable.message().contains("3 is odd"),
+        "{undecodable}"
+    );
+}
+
+#[task]
+fn abort_once(marker: PathBuf) -> String {
+    if !marker.exists() {
+        std::fs::write(&marker, b"aborted once").unwrap();
+        std::process::abort();
+    }
+    "survived".to_owned()
+}
+
+#[task(max_retries = 0)]
+fn abort_always() -> u8 {
+    std::process::abort()
+}
+
+#[task(max_retries = 0)]
+fn kill_my_worker() -> u8 {
+    let worker = std::os::unix::process::parent_id() as i32;
+    // SAFETY: sends a signal; no memory is involved.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(30));
+    1
+}
+
+#[test]
+fn a_dying_executor_or_worker_crashes_the_run_and_ray_can_retry_it() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn crashing(cluster: &Cluster, marker: PathBuf) -> (TaskError, TaskError, String, State) {
+        let aborted = abort_always.submit();
+        let killed = kill_my_worker.submit();
+        let downstream = plus_one.submit(&aborted);
+        let retried = remote_options(RemoteOptions::new().max_retries(1), || abort_once.submit(marker));
+        (aborted.result().unwrap_err(), killed.result().unwrap_err(), retried.result().unwrap(), downstream.wait(None).unwrap())
+    }
+    let marker = std::env::temp_dir().join(format!("abort-once-{}", uuid::Uuid::new_v4()));
+    let (aborted, killed, retried, downstream) = crashing(&cluster, marker.clone()).unwrap();
+    let _ = std::fs::remove_file(marker);
+    assert!(matches!(aborted, TaskError::Crashed { .. }), "{aborted:?}");
+    assert!(aborted.message().contains("killed by signal SIGABRT"), "{aborted}");
+    assert!(matches!(killed, TaskError::Crashed { .. }), "{killed:?}");
+    assert_eq!(retried, "survived", "Ray ran the crashed task again, as max_retries allows");
+    assert_eq!(downstream.name, "NotReady", "{downstream}");
+}
+
+#[task(timeout_seconds = 0.5)]
+fn hang(pid_file: PathBuf) -> u8 {
+    std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    1
+}
+
+#[test]
+fn a_timeout_stops_the_task_on_ray() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn timing_out(cluster: &Cluster, pid_file: PathBuf) -> (TaskError, State) {
+        let future = hang.submit(pid_file);
+        (future.result().unwrap_err(), future.state())
+    }
+    let pid_file = std::env::temp_dir().join(format!("hang-{}", uuid::Uuid::new_v4()));
+    let (error, state) = timing_out(&cluster, pid_file.clone()).unwrap();
+    assert_eq!(state.name, "TimedOut");
+    assert!(error.message().contains("Task run exceeded timeout of 0.5 second(s)"), "{error}");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the executor running the hung attempt (pid {pid}) was ended"
+    );
+}
+
+#[test]
+fn init_kwargs_reach_ray_init_and_the_namespace_defaults_to_prefect() {
+    let cluster = cluster();
+    #[task]
+    fn read_env() -> String {
+        std::env::var("FROM_INIT_KWARGS").unwrap_or_default()
+    }
+    #[flow(task_runner = cluster.runner().init_kwargs(serde_json::json!({
+        "runtime_env": {"env_vars": {"FROM_INIT_KWARGS": "hello"}}
+    })))]
+    fn configured(cluster: &Cluster) -> (String, String) {
+        let stats = prefect_ray::diagnostics::bridge_stats().unwrap();
+        (read_env.submit().result().unwrap(), stats.namespace)
+    }
+    #[flow(task_runner = cluster.runner().init_kwargs(serde_json::json!({"namespace": "elsewhere"})))]
+    fn namespaced(cluster: &Cluster) -> String {
+        prefect_ray::diagnostics::bridge_stats().unwrap().namespace
+    }
+    assert_eq!(configured(&cluster).unwrap(), ("hello".to_owned(), "prefect".to_owned()));
+    assert_eq!(namespaced(&cluster).unwrap(), "elsewhere");
+}
+
+#[test]
+fn a_subflow_on_ray_reuses_its_parents_connection_and_leaves_it_running() {
+    let cluster = cluster();
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new())]
+    fn child() -> (u32, i64) {
+        (prefect_ray::diagnostics::bridge_stats().unwrap().bridge_pid, add.submit(1, 1).result().unwrap())
+    }
+    #[flow(task_runner = cluster.runner())]
+    fn parent(cluster: &Cluster) -> (u32, u32, i64, i64) {
+        let mine = prefect_ray::diagnostics::bridge_stats().unwrap().bridge_pid;
+        let (theirs, value) = child().unwrap();
+        let after = add.submit(value, 1).result().unwrap();
+        (mine, theirs, value, after)
+    }
+    let (mine, theirs, value, after) = parent(&cluster).unwrap();
+    assert_eq!(mine, theirs, "the subflow used the parent's Ray connection");
+    assert_eq!((value, after), (2, 3), "and the parent's connection still works after it");
+}
+
+#[test]
+fn the_executor_is_shipped_to_the_cluster_through_ray_client_and_gcs() {
+    let cluster = cluster();
+    #[task]
+    fn executable() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+    #[flow(task_runner = if through_client { cluster.client_runner() } else { cluster.runner() })]
+    fn located(cluster: &Cluster, through_client: bool) -> String {
+        executable.submit().result().unwrap()
+    }
+    let resources = cluster.dir.display().to_string();
+    for through_client in [true, false] {
+        let path = located(&cluster, through_client).unwrap();
+        assert!(path.starts_with(&resources), "{path} is under the cluster's directory {resources}");
+        assert!(path.contains("/runtime_resources/py_modules_files/"), "{path} came with the runtime_env");
+    }
+}
+
+#[test]
+fn the_cluster_outlives_the_flows_that_used_it() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn once(cluster: &Cluster, value: i64) -> i64 {
+        add.submit(value, 1).result().unwrap()
+    }
+    assert_eq!(once(&cluster, 1).unwrap(), 2);
+    assert_eq!(once(&cluster, 2).unwrap(), 3, "a second flow still finds the cluster up");
+}
+
+#[test]
+fn a_wrong_token_fails_with_a_clear_error() {
+    let cluster = cluster();
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address).auth_token("not-the-token").connect_timeout(Duration::from_secs(60)))]
+    fn refused(address: &str) {}
+    let error = refused(&cluster.gcs_address).unwrap_err().to_string();
+    assert!(error.contains("could not connect to Ray"), "{error}");
+    assert!(error.to_lowercase().contains("token") || error.contains("auth"), "the message says it is about the token: {error}");
+}

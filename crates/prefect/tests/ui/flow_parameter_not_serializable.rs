@@ -1,8 +1,0 @@
-struct Config;
-
-#[prefect::flow]
-fn configured(config: Config) {
-    let _ = config;
-}
-
-fn main() {}
