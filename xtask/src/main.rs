@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
+use prefect_ray::testing::LocalCluster;
 
 #[derive(Parser)]
 #[command(about = "Tasks of prefect-ray for Rust")]
@@ -71,16 +72,46 @@ fn demo() -> Result {
 }
 
 fn test(args: &[String]) -> Result {
-    python::ray_venv(&root())?;
+    let ray_python = python::ray_venv(&root())?;
     python::prefect_venv(&root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
-    if has_nextest() {
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args))?;
+
+    // One Ray cluster for every test that only needs a cluster; tests of the temporary
+    // instance start their own. Dropped (stopped) however the tests end.
+    eprintln!("xtask: starting the shared Ray test cluster");
+    let cluster = LocalCluster::builder()
+        .python(&ray_python)
+        .num_cpus(2)
+        .head_env("NODE_NAME", "head")
+        .node(1, [("special", 1.0)], [("NODE_NAME", "special")])
+        .start()
+        .map_err(|e| format!("could not start the shared Ray cluster: {e}"))?;
+    let shared = serde_json::json!({
+        "gcs_address": cluster.gcs_address(),
+        "client_address": cluster.client_address(),
+        "auth_token": cluster.auth_token(),
+        "dir": cluster.dir(),
+    });
+    let with_cluster = |command: &mut Command| {
+        command.env("PREFECT_RAY_TEST_CLUSTER", shared.to_string()).env("PREFECT_RAY_PYTHON", &ray_python);
+    };
+    let mut tests = if has_nextest() {
+        let mut command = cargo();
+        command.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args);
+        command
     } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
-    }
-    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))
+        let mut command = cargo();
+        command.args(["test", "--workspace", "--no-fail-fast"]).args(args).args(["--", "--test-threads=1"]);
+        command
+    };
+    with_cluster(&mut tests);
+    let mut doc_tests = cargo();
+    doc_tests.args(["test", "--workspace", "--doc", "--quiet"]);
+    with_cluster(&mut doc_tests);
+    let outcome = run(&mut tests).and_then(|()| run(&mut doc_tests));
+    drop(cluster);
+    outcome
 }
 
 fn has_nextest() -> bool {

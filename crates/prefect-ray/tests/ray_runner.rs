@@ -211,7 +211,10 @@ fn errors_panics_and_undecodable_arguments_fail_with_their_message() {
     }
     let (error, panic, downstream, undecodable) = failing(&cluster).unwrap();
     assert!(matches!(error, TaskError::Failed { .. }) && error.message().contains("bad input"), "{error}");
-    assert!(matches!(panic, TaskError::Failed { .. }) && panic.message().contains("Task run panicked: kaboom"), "{panic}");
+    assert!(
+        matches!(panic, TaskError::Failed { .. }) && panic.message().contains("Task run panicked: kaboom"),
+        "{panic}"
+    );
     assert_eq!(downstream.name, "NotReady");
     assert!(downstream.message.as_deref().unwrap().contains(error.task_run()), "{downstream}");
     assert!(
@@ -253,7 +256,12 @@ fn a_dying_executor_or_worker_crashes_the_run_and_ray_can_retry_it() {
         let killed = kill_my_worker.submit();
         let downstream = plus_one.submit(&aborted);
         let retried = remote_options(RemoteOptions::new().max_retries(1), || abort_once.submit(marker));
-        (aborted.result().unwrap_err(), killed.result().unwrap_err(), retried.result().unwrap(), downstream.wait(None).unwrap())
+        (
+            aborted.result().unwrap_err(),
+            killed.result().unwrap_err(),
+            retried.result().unwrap(),
+            downstream.wait(None).unwrap(),
+        )
     }
     let marker = std::env::temp_dir().join(format!("abort-once-{}", uuid::Uuid::new_v4()));
     let (aborted, killed, retried, downstream) = crashing(&cluster, marker.clone()).unwrap();
@@ -370,5 +378,29 @@ fn a_wrong_token_fails_with_a_clear_error() {
     fn refused(address: &str) {}
     let error = refused(&cluster.gcs_address).unwrap_err().to_string();
     assert!(error.contains("could not connect to Ray"), "{error}");
-    assert!(error.to_lowercase().contains("token") || error.contains("auth"), "the message says it is about the token: {error}");
+    assert!(
+        error.to_lowercase().contains("token") || error.contains("auth"),
+        "the message says it is about the token: {error}"
+    );
+}
+
+#[test]
+#[ignore = "runs in a child process with RAY_ADDRESS set"]
+fn child_on_auto() {
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address("auto").auth_token(std::env::var("TOKEN").unwrap()))]
+    fn automatic() -> i64 {
+        add.submit(20, 22).result().unwrap()
+    }
+    println!("RESULT={}", automatic().unwrap());
+}
+
+#[test]
+fn address_auto_finds_the_cluster_in_ray_address() {
+    let cluster = cluster();
+    let output = support::run_test_in_child(
+        "child_on_auto",
+        &[("RAY_ADDRESS", cluster.gcs_address.as_str()), ("TOKEN", cluster.auth_token.as_str())],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("RESULT=42"), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
 }

@@ -1,0 +1,52 @@
+//! Finding the Python that has Ray, and saying what to run when there is none.
+
+mod support;
+
+use prefect::flow;
+use prefect_ray::RayTaskRunner;
+
+/// A Python without Ray: a bare virtual environment.
+fn python_without_ray() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let status =
+        std::process::Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(dir.path()).status().unwrap();
+    assert!(status.success());
+    let python = dir.path().join("bin").join("python");
+    (dir, python)
+}
+
+#[flow(task_runner = RayTaskRunner::new().python(&python))]
+fn with_python(python: std::path::PathBuf) {}
+
+#[flow(task_runner = RayTaskRunner::new())]
+fn with_default_python() {}
+
+#[test]
+fn a_python_without_ray_says_which_command_to_run() {
+    let (_dir, python) = python_without_ray();
+    let error = with_python(python.clone()).unwrap_err().to_string();
+    assert!(error.contains(&format!("Ray is not installed for {}", python.display())), "{error}");
+    assert!(error.contains("cargo xtask setup") && error.contains("pip install 'ray[default]==2.60.0'"), "{error}");
+    assert!(error.contains("PREFECT_RAY_PYTHON"), "{error}");
+}
+
+#[test]
+fn a_missing_python_says_the_same() {
+    let error = with_python("/nonexistent/bin/python".into()).unwrap_err().to_string();
+    assert!(error.contains("Ray is not installed for /nonexistent/bin/python"), "{error}");
+}
+
+#[test]
+#[ignore = "runs in a child process with PREFECT_RAY_PYTHON set"]
+fn child_with_default_python() {
+    println!("RESULT={}", with_default_python().unwrap_err());
+}
+
+#[test]
+fn prefect_ray_python_chooses_the_python() {
+    let (_dir, python) = python_without_ray();
+    let output =
+        support::run_test_in_child("child_with_default_python", &[("PREFECT_RAY_PYTHON", python.to_str().unwrap())]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(&format!("Ray is not installed for {}", python.display())), "{stdout}");
+}
