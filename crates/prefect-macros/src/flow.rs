@@ -63,7 +63,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     } else {
         quote! { __prefect_flow_body(#(#names),*) }
     };
-    let result = signature.into_result(call_inner, to_message);
+    let result = signature.value_as_result(call_inner, to_message);
     // Each attempt needs its own arguments: cloned when the flow may retry, taken once otherwise.
     let take_arguments = if has_retries {
         quote! { let (#(#names,)*) = (#(::core::clone::Clone::clone(&#names),)*); }

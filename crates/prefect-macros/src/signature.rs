@@ -95,7 +95,7 @@ impl Signature {
 
     /// Turns the function's return value, bound to `value`, into `Result<Value, failure>`,
     /// with `on_error` turning an `Err(error)` into the failure.
-    pub fn into_result(&self, value: TokenStream, on_error: TokenStream) -> TokenStream {
+    pub fn value_as_result(&self, value: TokenStream, on_error: TokenStream) -> TokenStream {
         if self.fallible {
             quote! { match #value { ::core::result::Result::Ok(__ok) => ::core::result::Result::Ok(__ok), ::core::result::Result::Err(error) => ::core::result::Result::Err(#on_error) } }
         } else {

@@ -131,7 +131,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     };
     let to_failure = quote! { ::prefect::__private::error_failure(&error) };
     let (body, body_kind, call_method, direct_output, direct_call) = if signature.is_async {
-        let result = signature.into_result(quote! { #original(#(#names),*).await }, to_failure);
+        let result = signature.value_as_result(quote! { #original(#(#names),*).await }, to_failure);
         (
             quote! {
                 fn __body(__payload: ::std::vec::Vec<u8>) -> ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure>> + ::core::marker::Send>> {
@@ -157,7 +157,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             quote! { #ident.call(#(#names),*) },
         )
     } else {
-        let result = signature.into_result(quote! { #original(#(#names),*) }, to_failure);
+        let result = signature.value_as_result(quote! { #original(#(#names),*) }, to_failure);
         (
             quote! {
                 fn __body(__payload: &[u8]) -> ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure> {

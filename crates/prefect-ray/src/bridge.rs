@@ -430,15 +430,18 @@ impl Shared {
             while dispatch.runs.len() >= self.max_in_flight && self.alive.load(Ordering::Acquire) {
                 dispatch = self.room.wait(dispatch).unwrap_or_else(|p| p.into_inner());
             }
+            if !self.alive.load(Ordering::Acquire) {
+                drop(dispatch);
+                run.finish(State::crashed("the Ray session ended before the run was submitted"), None);
+                return;
+            }
             dispatch.runs.insert(key, pending);
         }
         run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
-        if let Err(message) =
-            self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys))
-        {
-            if let Some(pending) = self.take_run(key) {
-                pending.run.finish(State::crashed(message), None);
-            }
+        let submitted =
+            self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys));
+        if let (Err(message), Some(pending)) = (submitted, self.take_run(key)) {
+            pending.run.finish(State::crashed(message), None);
         }
     }
 

@@ -13,13 +13,16 @@ use std::sync::OnceLock;
 use crate::error::TaskFailure;
 use crate::options::TaskOptions;
 
+/// The future of an async task's body: its serialized value, or why there is none.
+pub type BodyFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, TaskFailure>> + Send>>;
+
 /// A task's body with its arguments and result in serialized form.
 #[derive(Clone, Copy, Debug)]
 pub enum TaskBody {
     /// A `fn`: decodes the payload, runs, encodes the value.
     Sync(fn(&[u8]) -> Result<Vec<u8>, TaskFailure>),
     /// An `async fn`: the same, as a future.
-    Async(fn(Vec<u8>) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TaskFailure>> + Send>>),
+    Async(fn(Vec<u8>) -> BodyFuture),
 }
 
 /// Everything the engine knows about a task, independent of any one run.

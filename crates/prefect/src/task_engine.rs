@@ -215,7 +215,7 @@ fn attempt_sync(
 }
 
 async fn attempt_async(
-    body: fn(Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, TaskFailure>> + Send>>,
+    body: fn(Vec<u8>) -> crate::registry::BodyFuture,
     payload: Vec<u8>,
     timeout: Option<Duration>,
     span: Span,
@@ -311,7 +311,7 @@ pub fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, String> {
         let _in_task = InTask::enter();
         panic::catch_unwind(AssertUnwindSafe(body))
     };
-    outcome.map_err(|payload| panic_message(payload))
+    outcome.map_err(panic_message)
 }
 
 /// The message of a panic caught on this thread, with its location when the hook saw it.

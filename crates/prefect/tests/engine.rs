@@ -92,6 +92,7 @@ fn a_direct_call_runs_now_as_a_task_run_and_returns_its_value() {
 }
 
 #[test]
+#[allow(clippy::needless_borrows_for_generic_args)] // references are what this test passes
 fn arguments_can_be_values_references_futures_and_lists_of_futures() {
     #[flow]
     fn arithmetic() -> i64 {
