@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -108,12 +109,13 @@ class Bridge:
         address = config.get("address")
         kwargs.setdefault("log_to_driver", False)
         if address:
+            probe(address)
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             modules = list(runtime_env.get("py_modules") or [])
             modules.append(config["worker_package"])
             runtime_env["py_modules"] = modules
             kwargs["runtime_env"] = runtime_env
-            context = ray.init(address=address, **kwargs)
+            context = connect(ray, address, kwargs)
         else:
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
             kwargs.setdefault("include_dashboard", False)
@@ -232,7 +234,9 @@ class Bridge:
         refs = self.refs.get(key)
         if refs is not None:
             try:
-                self.ray.cancel(refs[0], force=force)
+                # A running trampoline waits in a read that KeyboardInterrupt cannot break,
+                # so only force (ending the worker and its executor) stops a running task.
+                self.ray.cancel(refs[0], force=True)
             except Exception as error:
                 log(f"could not cancel: {error}")
 
@@ -243,6 +247,54 @@ class Bridge:
         namespace = self.ray.get_runtime_context().namespace
         stats = {"peak_rss_bytes": peak, "objects": len(self.refs), "bridge_pid": os.getpid(), "namespace": namespace}
         self.writer.send({"stats": [request, stats]})
+
+
+class Unreachable(Exception):
+    """Nothing answers at the cluster's address."""
+
+
+def probe(address):
+    """Fails fast when nothing listens at the address: Ray itself would wait for minutes."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except ValueError as error:
+            raise Unreachable(f"{target} is not a host:port address ({error})") from None
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise Unreachable(
+                    f"nothing answers at {target} ({error}); check that the cluster is running and the address is right"
+                ) from None
+            time.sleep(0.25)
+
+
+def refused_token(error):
+    """Whether Ray's error says the cluster refused this driver's token."""
+    text = f"{error!r} {error.__cause__!r}"
+    return any(word in text for word in ("AuthenticationError", "InvalidAuthToken", "Unauthenticated"))
+
+
+def connect(ray, address, kwargs):
+    """ray.init for an existing cluster. Ray Client's server sometimes fails to start a
+    session for a new client; asking again gets one."""
+    attempts = 3 if address.startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(address=address, **kwargs)
+        except ConnectionError as error:
+            if refused_token(error) or attempt == attempts:
+                raise
+            log(f"Ray Client connection failed ({error}); trying again ({attempt}/{attempts - 1})")
+            try:
+                ray.shutdown()
+            except Exception:
+                pass
 
 
 def classify(error):
@@ -269,7 +321,9 @@ def main():
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The bridge has a process group of its own, so a terminal's Ctrl-C never reaches it;
+    # SIGINT must not be ignored here, or Ray's workers inherit that and ray.cancel breaks.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     config = read_frame(commands)
     if config is None:
@@ -286,7 +340,12 @@ def main():
             bridge.start()
         except Exception as error:
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            writer.send({"fatal": [f"{type(error).__name__}: {lines[0] if lines else ''}", traceback.format_exc()]})
+            message = f"{type(error).__name__}: {lines[0] if lines else ''}"
+            if refused_token(error):
+                message = "the cluster refused this driver's authentication token; pass the cluster's token with .auth_token(...) or RAY_AUTH_TOKEN"
+            elif isinstance(error, Unreachable):
+                message = str(error)
+            writer.send({"fatal": [message, traceback.format_exc()]})
             return 1
         handlers = {
             "define": bridge.define,

@@ -252,8 +252,20 @@ impl Shared {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if std::env::var_os("RAY_USAGE_STATS_ENABLED").is_none() {
-            command.env("RAY_USAGE_STATS_ENABLED", "0");
+        let mut defaults = vec![("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_DEDUP_LOGS", "0")];
+        if config.address.as_deref().is_none_or(is_loopback_address) {
+            // Ray otherwise swaps 127.0.0.1 for the machine's network address, and listens
+            // there: on one machine, everything stays on loopback with this.
+            defaults.push(("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"));
+        }
+        if config.address.is_none() {
+            // Ports that Ray fixes by default would clash between two temporary instances.
+            defaults.extend([("AUTOSCALER_METRIC_PORT", "0"), ("DASHBOARD_METRIC_PORT", "0")]);
+        }
+        for (name, value) in defaults {
+            if std::env::var_os(name).is_none() {
+                command.env(name, value);
+            }
         }
         let has_token =
             std::env::var_os("RAY_AUTH_TOKEN").is_some() || std::env::var_os("RAY_AUTH_TOKEN_PATH").is_some();
@@ -440,7 +452,9 @@ impl Shared {
         run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
         let submitted =
             self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys));
-        if let (Err(message), Some(pending)) = (submitted, self.take_run(key)) {
+        if let Err(message) = submitted
+            && let Some(pending) = self.take_run(key)
+        {
             pending.run.finish(State::crashed(message), None);
         }
     }
@@ -638,6 +652,15 @@ fn kill_group(pid: u32) {
     unsafe {
         libc::kill(group, libc::SIGKILL);
     }
+}
+
+/// Whether an address (`host:port`, `ray://host:port`, or `auto` with `RAY_ADDRESS`) is on
+/// this machine's loopback interface.
+fn is_loopback_address(address: &str) -> bool {
+    let address = if address == "auto" { std::env::var("RAY_ADDRESS").unwrap_or_default() } else { address.to_owned() };
+    let target = address.strip_prefix("ray://").unwrap_or(&address);
+    let host = target.rsplit_once(':').map_or(target, |(host, _)| host).trim_matches(['[', ']']);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A directory with a short path: Ray puts Unix sockets in its temp dir, and their paths

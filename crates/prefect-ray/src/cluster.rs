@@ -148,7 +148,7 @@ impl LocalClusterBuilder {
             .tempdir_in("/tmp")
             .map_err(|e| RayError::Setup(format!("could not create a directory for the cluster: {e}")))?;
         let auth_token = uuid::Uuid::new_v4().simple().to_string();
-        let (gcs_port, client_port, agent_port) = (free_port()?, free_port()?, free_port()?);
+        let (gcs_port, client_port) = (free_port()?, free_port()?);
         let mut cluster = LocalCluster {
             nodes: Vec::new(),
             gcs_address: format!("127.0.0.1:{gcs_port}"),
@@ -158,10 +158,16 @@ impl LocalClusterBuilder {
             dir: Some(dir),
         };
         let mut head = vec![
+            "start".to_owned(),
             "--head".to_owned(),
+            "--block".to_owned(),
+            "--node-ip-address=127.0.0.1".to_owned(),
+            "--disable-usage-stats".to_owned(),
             format!("--port={gcs_port}"),
             format!("--ray-client-server-port={client_port}"),
-            format!("--dashboard-agent-listen-port={agent_port}"),
+            "--dashboard-agent-listen-port=0".to_owned(),
+            "--min-worker-port=0".to_owned(),
+            "--max-worker-port=0".to_owned(),
             format!("--num-cpus={}", self.num_cpus),
             format!("--temp-dir={}", cluster.dir().display()),
         ];
@@ -176,36 +182,55 @@ impl LocalClusterBuilder {
         } else {
             head.push("--include-dashboard=false".to_owned());
         }
-        let node = start_node(&python, &head, &self.head_env, &cluster.auth_token)?;
-        cluster.nodes.push(node);
+        let mut command = node_command(&python, &self.head_env, &cluster.auth_token);
+        command.args(["-c", RAY_CLI]).args(&head);
+        cluster.nodes.push(start_node(command, "Ray runtime started", &python)?);
+        // The Ray Client server comes up a moment after the node says it has started.
+        wait_for_port(client_port, Duration::from_secs(60))?;
         for spec in &self.nodes {
-            let agent_port = free_port()?;
-            let args = vec![
-                format!("--address={}", cluster.gcs_address),
-                format!("--num-cpus={}", spec.num_cpus),
-                format!("--resources={}", Value::Object(spec.resources.clone())),
-                format!("--dashboard-agent-listen-port={agent_port}"),
-            ];
-            let node = start_node(&python, &args, &spec.env, &cluster.auth_token)?;
-            cluster.nodes.push(node);
+            let mut command = node_command(&python, &spec.env, &cluster.auth_token);
+            command.args(["-c", WORKER_NODE]).args([
+                cluster.gcs_address.clone(),
+                spec.num_cpus.to_string(),
+                Value::Object(spec.resources.clone()).to_string(),
+                cluster.dir().display().to_string(),
+            ]);
+            cluster.nodes.push(start_node(command, "WORKER_NODE_READY", &python)?);
         }
         Ok(cluster)
     }
 }
 
-/// Runs `ray start --block` with `args` in a process group of its own, and waits until it
-/// reports the node up.
-fn start_node(python: &Path, args: &[String], env: &[(String, String)], token: &str) -> Result<Child, RayError> {
+/// The `ray` command line.
+const RAY_CLI: &str = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())";
+
+/// A node that joins the head, on 127.0.0.1. `ray start --address` refuses to add a node
+/// when Ray is kept on loopback (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), so this starts one
+/// the way Ray's own `cluster_utils` does. Arguments: GCS address, CPUs, resources (JSON),
+/// temp dir.
+const WORKER_NODE: &str = r#"
+import json, signal, sys
+import ray._private.node as node
+from ray._private.parameter import RayParams
+gcs, cpus, resources, temp_dir = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+params = RayParams(node_ip_address="127.0.0.1", gcs_address=gcs, num_cpus=cpus, resources=resources,
+                   temp_dir=temp_dir, include_log_monitor=False, node_manager_port=0,
+                   dashboard_agent_listen_port=None, min_worker_port=0, max_worker_port=0)
+started = node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("WORKER_NODE_READY", started.node_id, flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pause()
+"#;
+
+/// A Python command for a node: loopback only, token authentication on, no fixed ports,
+/// in a process group of its own that dies with the thread that started it.
+fn node_command(python: &Path, env: &[(String, String)], token: &str) -> Command {
     let mut command = Command::new(python);
     command
-        .args([
-            "-c",
-            "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())",
-            "start",
-        ])
-        .args(["--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"])
-        .args(args)
         .env("RAY_USAGE_STATS_ENABLED", "0")
+        .env("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        .env("AUTOSCALER_METRIC_PORT", "0")
+        .env("DASHBOARD_METRIC_PORT", "0")
         .env("RAY_AUTH_MODE", "token")
         .env("RAY_AUTH_TOKEN", token)
         .env_remove("RAY_ADDRESS")
@@ -216,11 +241,23 @@ fn start_node(python: &Path, args: &[String], env: &[(String, String)], token: &
         command.env(name, value);
     }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Starts a node and waits for the line that says it is up.
+fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child, RayError> {
     let mut child = command.spawn().map_err(|error| {
         if error.kind() == std::io::ErrorKind::NotFound {
             RayError::NoPython(python::install_hint(python))
         } else {
-            RayError::Setup(format!("could not run ray start: {error}"))
+            RayError::Setup(format!("could not start a Ray node: {error}"))
         }
     })?;
     let (sender, receiver) = mpsc::channel();
@@ -242,8 +279,8 @@ fn start_node(python: &Path, args: &[String], env: &[(String, String)], token: &
     let mut seen = Vec::new();
     loop {
         match receiver.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.contains("Ray runtime started") => {
-                // Keep draining so ray start never blocks on a full pipe.
+            Ok(line) if line.contains(ready) => {
+                // Keep draining so the node never blocks on a full pipe.
                 std::thread::spawn(move || receiver.into_iter().for_each(drop));
                 return Ok(child);
             }
@@ -255,28 +292,39 @@ fn start_node(python: &Path, args: &[String], env: &[(String, String)], token: &
                 return Err(if missing {
                     RayError::NoRay(python::install_hint(python))
                 } else {
-                    RayError::Setup(format!("ray start did not bring the node up:\n{}", tail.join("\n")))
+                    RayError::Setup(format!("a Ray node did not come up:\n{}", tail.join("\n")))
                 });
             }
         }
     }
 }
 
-/// Ends a process group: SIGTERM, a grace period, then SIGKILL.
+/// Ends a node: SIGTERM to its leader, which stops its processes in order (signalling the
+/// whole group would make them wait out Ray's 30 s drain), a grace period, then SIGKILL to
+/// whatever is left in the group.
 fn stop_group(child: &mut Child) {
-    let group = -(child.id() as libc::pid_t);
-    // SAFETY: kill(2) on a process group we created; no memory is involved.
-    unsafe { libc::kill(group, libc::SIGTERM) };
-    for _ in 0..100 {
+    // SAFETY: kill(2) on processes we started; no memory is involved.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    for _ in 0..200 {
         if matches!(child.try_wait(), Ok(Some(_))) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Whatever ignored SIGTERM, and the group's other members, go now.
     // SAFETY: as above.
-    unsafe { libc::kill(group, libc::SIGKILL) };
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
     let _ = child.wait();
+}
+
+fn wait_for_port(port: u16, limit: Duration) -> Result<(), RayError> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(RayError::Setup(format!("nothing listens on 127.0.0.1:{port} after {} s", limit.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 fn free_port() -> Result<u16, RayError> {
