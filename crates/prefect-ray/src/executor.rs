@@ -7,8 +7,8 @@
 //! `tracing` events are recorded, and both travel back with the run's states.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use chrono::Utc;
@@ -119,17 +119,19 @@ fn execute(parts: &[Vec<u8>], states: &mut Vec<State>) -> Option<Vec<u8>> {
             return None;
         }
     }
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+    let exe = || std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
     let Some(task) = registry::lookup(&header.task_key) else {
         states.push(State::failed(format!(
-            "task '{}' is not in the executor binary {exe}: it was built from other code; rebuild, and run the flow again",
-            header.task_key
+            "task '{}' is not in the executor binary {}: it was built from other code; rebuild, and run the flow again",
+            header.task_key,
+            exe()
         )));
         return None;
     };
     if task.fingerprint != header.fingerprint {
         states.push(State::failed(format!(
-            "the executor binary {exe} has another version of task '{}' than the flow that submitted it; rebuild, and run the flow again",
+            "the executor binary {} has another version of task '{}' than the flow that submitted it; rebuild, and run the flow again",
+            exe(),
             task.name
         )));
         return None;
@@ -154,7 +156,9 @@ struct Output(Arc<Captured>);
 
 struct Captured {
     state: Mutex<CaptureState>,
-    synced: Condvar,
+    drained: Condvar,
+    /// The read ends of the stdout and stderr pipes, to tell whether anything is unread.
+    pipes: Mutex<Vec<RawFd>>,
     /// The worker's own stderr, where recorded events are copied for Ray's logs.
     worker_stderr: Mutex<Option<File>>,
 }
@@ -163,10 +167,9 @@ struct Captured {
 struct CaptureState {
     lines: Vec<OutputLine>,
     dropped: u64,
-    sync_seen: [u64; 2],
+    /// The unfinished last line of stdout and of stderr.
+    partial: [Vec<u8>; 2],
 }
-
-const SYNC_MARK: &str = "\u{1}prefect-ray-sync ";
 
 impl Output {
     /// Points this process's stdout and stderr at pipes read by threads that record each
@@ -174,7 +177,8 @@ impl Output {
     fn capture() -> Self {
         let output = Output(Arc::new(Captured {
             state: Mutex::default(),
-            synced: Condvar::new(),
+            drained: Condvar::new(),
+            pipes: Mutex::default(),
             worker_stderr: Mutex::new(None),
         }));
         for (index, (fd, stream)) in [(1, Stream::Stdout), (2, Stream::Stderr)].into_iter().enumerate() {
@@ -183,6 +187,7 @@ impl Output {
                     if fd == 2 {
                         *output.0.worker_stderr.lock().unwrap_or_else(|p| p.into_inner()) = original.try_clone().ok();
                     }
+                    output.0.pipes.lock().unwrap_or_else(|p| p.into_inner()).push(pipe.as_raw_fd());
                     let output = output.clone();
                     std::thread::spawn(move || output.pump(index, stream, pipe, original));
                 }
@@ -196,45 +201,51 @@ impl Output {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads one captured stream. The empty line that the sync mark's leading newline makes
-    /// after output that ended with a newline is not the task's, so it is dropped.
-    fn pump(&self, index: usize, stream: Stream, pipe: File, mut original: File) {
-        let mut reader = BufReader::new(pipe);
-        let mut buffer = Vec::new();
-        let mut held_empty_line = false;
+    /// Reads one captured stream: waits for data without the lock, then reads all there is
+    /// and records whole lines with the lock held, so `end` can tell when nothing is pending.
+    fn pump(&self, index: usize, stream: Stream, mut pipe: File, mut original: File) {
+        let mut buffer = vec![0u8; 1 << 16];
         loop {
-            buffer.clear();
-            match reader.read_until(b'\n', &mut buffer) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(buffer.strip_suffix(b"\n").unwrap_or(&buffer)).into_owned();
-            if let Some(number) = line.strip_prefix(SYNC_MARK) {
-                held_empty_line = false;
-                self.lock().sync_seen[index] = number.parse().unwrap_or(0);
-                self.0.synced.notify_all();
+            let mut poll = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: polls one descriptor we own, with a valid pollfd.
+            if unsafe { libc::poll(&mut poll, 1, -1) } < 0 {
                 continue;
             }
-            if std::mem::take(&mut held_empty_line) {
-                let _ = writeln!(original);
-                self.record(stream, String::new());
+            let mut state = self.lock();
+            let mut closed = false;
+            loop {
+                match pipe.read(&mut buffer) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(read) => {
+                        let _ = original.write_all(&buffer[..read]);
+                        state.partial[index].extend_from_slice(&buffer[..read]);
+                        while let Some(end) = state.partial[index].iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = state.partial[index].drain(..=end).collect();
+                            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                            state.record(stream, text);
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
             }
-            if line.is_empty() {
-                held_empty_line = true;
-                continue;
+            drop(state);
+            self.0.drained.notify_all();
+            if closed {
+                return;
             }
-            let _ = writeln!(original, "{line}");
-            self.record(stream, line);
         }
     }
 
     fn record(&self, stream: Stream, text: String) {
-        let mut state = self.lock();
-        if state.lines.len() >= MAX_OUTPUT_LINES {
-            state.dropped += 1;
-        } else {
-            state.lines.push(OutputLine { time: Utc::now(), stream, text });
-        }
+        self.lock().record(stream, text);
     }
 
     fn begin(&self) {
@@ -243,33 +254,43 @@ impl Output {
         state.dropped = 0;
     }
 
-    /// The run's lines, once everything it wrote has been read.
+    /// The run's lines, once everything it wrote has been read: nothing is left in the pipes
+    /// while the pump threads are between reads.
     fn end(&self) -> (Vec<OutputLine>, u64) {
-        static SYNCS: OnceLock<Mutex<u64>> = OnceLock::new();
-        let number = {
-            let mut count = SYNCS.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
-            *count += 1;
-            *count
-        };
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        for fd in [1, 2] {
-            let mark = format!("\n{SYNC_MARK}{number}\n");
-            // SAFETY: writes a buffer to a descriptor this process owns.
-            unsafe { libc::write(fd, mark.as_ptr().cast(), mark.len()) };
-        }
-        let mut state = self.lock();
+        let pipes = self.0.pipes.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while state.sync_seen.iter().any(|seen| *seen < number) && std::time::Instant::now() < deadline {
-            state = self
-                .0
-                .synced
-                .wait_timeout(state, std::time::Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let mut state = self.lock();
+        while pipes.iter().any(|&fd| unread(fd) > 0) && std::time::Instant::now() < deadline {
+            state = self.0.drained.wait_timeout(state, std::time::Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        for (index, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            if !state.partial[index].is_empty() {
+                let text = String::from_utf8_lossy(&std::mem::take(&mut state.partial[index])).into_owned();
+                state.record(stream, text);
+            }
         }
         (std::mem::take(&mut state.lines), std::mem::take(&mut state.dropped))
     }
+}
+
+impl CaptureState {
+    fn record(&mut self, stream: Stream, text: String) {
+        if self.lines.len() >= MAX_OUTPUT_LINES {
+            self.dropped += 1;
+        } else {
+            self.lines.push(OutputLine { time: Utc::now(), stream, text });
+        }
+    }
+}
+
+/// How many bytes wait unread in a pipe.
+fn unread(fd: RawFd) -> libc::c_int {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer we pass.
+    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) };
+    pending
 }
 
 /// Makes `fd` the write end of a new pipe; returns its read end and a copy of the old `fd`.
@@ -286,6 +307,7 @@ fn redirect(fd: RawFd) -> std::io::Result<(File, File)> {
         }
         libc::close(ends[1]);
         libc::fcntl(ends[0], libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(ends[0], libc::F_SETFL, libc::fcntl(ends[0], libc::F_GETFL) | libc::O_NONBLOCK);
         libc::fcntl(original, libc::F_SETFD, libc::FD_CLOEXEC);
         Ok((File::from_raw_fd(ends[0]), File::from_raw_fd(original)))
     }

@@ -1,6 +1,6 @@
 //! The seed's example: ten shouts, each half a second, run in parallel on the thread pool.
 //!
-//! `cargo run -p prefect --example count_to`
+//! `cargo run -p prefect --example count_to_threads`
 
 use std::time::Duration;
 

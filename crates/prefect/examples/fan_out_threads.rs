@@ -1,7 +1,7 @@
 //! Fan-out / fan-in: many runs from one, their futures passed on as arguments, and one run
 //! that gathers them all.
 //!
-//! `cargo run -p prefect --example fan_out`
+//! `cargo run -p prefect --example fan_out_threads`
 
 use prefect::{PrefectFuture, flow, task, unmapped};
 
