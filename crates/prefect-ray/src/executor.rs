@@ -263,7 +263,12 @@ impl Output {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut state = self.lock();
         while pipes.iter().any(|&fd| unread(fd) > 0) && std::time::Instant::now() < deadline {
-            state = self.0.drained.wait_timeout(state, std::time::Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
+            state = self
+                .0
+                .drained
+                .wait_timeout(state, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         for (index, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
             if !state.partial[index].is_empty() {
