@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (Python virtual environments with the pinned
 //! Ray and Prefect), so each works on a fresh clone.
 
+mod prefect_server;
 mod python;
 
 use std::path::{Path, PathBuf};
@@ -73,7 +74,7 @@ fn demo() -> Result {
 
 fn test(args: &[String]) -> Result {
     let ray_python = python::ray_venv(&root())?;
-    python::prefect_venv(&root())?;
+    let prefect_python = python::prefect_venv(&root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
 
@@ -87,6 +88,8 @@ fn test(args: &[String]) -> Result {
         .node(1, [("special", 1.0)], [("NODE_NAME", "special")])
         .start()
         .map_err(|e| format!("could not start the shared Ray cluster: {e}"))?;
+    eprintln!("xtask: starting the shared Prefect test server");
+    let prefect = prefect_server::start(&prefect_python)?;
     let shared = serde_json::json!({
         "gcs_address": cluster.gcs_address(),
         "client_address": cluster.client_address(),
@@ -94,7 +97,10 @@ fn test(args: &[String]) -> Result {
         "dir": cluster.dir(),
     });
     let with_cluster = |command: &mut Command| {
-        command.env("PREFECT_RAY_TEST_CLUSTER", shared.to_string()).env("PREFECT_RAY_PYTHON", &ray_python);
+        command
+            .env("PREFECT_RAY_TEST_CLUSTER", shared.to_string())
+            .env("PREFECT_RAY_PYTHON", &ray_python)
+            .env(prefect_server::SHARED_SERVER_ENV, prefect.api_url());
     };
     let mut tests = if has_nextest() {
         let mut command = cargo();
@@ -109,7 +115,9 @@ fn test(args: &[String]) -> Result {
     let mut doc_tests = cargo();
     doc_tests.args(["test", "--workspace", "--doc", "--quiet"]);
     with_cluster(&mut doc_tests);
-    let outcome = run(&mut tests).and_then(|()| run(&mut doc_tests));
+    let outcome =
+        run(&mut tests).and_then(|()| run(&mut doc_tests)).and_then(|()| prefect_server::ui_check(&root(), &prefect));
+    drop(prefect);
     drop(cluster);
     outcome
 }

@@ -33,6 +33,10 @@ fn peak_rss() -> u64 {
     usage.ru_maxrss as u64 * 1024
 }
 
+/// What the pipeline measured: the consumer's summary, peak memory (this process, bridge)
+/// before and after the value passed, this process's peak after `.result()`, the value's size.
+type Measured = ((usize, u64), (u64, u64), (u64, u64), u64, usize);
+
 #[test]
 fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
     let cluster = cluster();
@@ -41,7 +45,7 @@ fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
         (peak_rss(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
     }
     #[flow(task_runner = cluster.runner())]
-    fn pipeline(cluster: &Cluster) -> ((usize, u64), (u64, u64), (u64, u64), u64, usize) {
+    fn pipeline(cluster: &Cluster) -> Measured {
         let before = peaks();
         let data = produce.submit(200);
         let summary = consume.submit(&data).result().unwrap();

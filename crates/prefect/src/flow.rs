@@ -64,9 +64,13 @@ pub fn run_flow<R>(
         let outcome = run.check_returned_futures(outcome);
         match run.retry_delay(&outcome, &mut attempt) {
             Some(delay) => {
-                run.propose(State::awaiting_retry(Utc::now() + delay))?;
+                if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
+                    return Err(run.abort(error));
+                }
                 std::thread::sleep(delay);
-                run.propose(State::retrying())?;
+                if let Err(error) = run.propose(State::retrying()) {
+                    return Err(run.abort(error));
+                }
             }
             None => return run.finish(outcome),
         }
@@ -112,9 +116,13 @@ pub fn run_flow_timed<R: Send + 'static>(
         let outcome = run.check_returned_futures(outcome);
         match run.retry_delay(&outcome, &mut attempt) {
             Some(delay) => {
-                run.propose(State::awaiting_retry(Utc::now() + delay))?;
+                if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
+                    return Err(run.abort(error));
+                }
                 std::thread::sleep(delay);
-                run.propose(State::retrying())?;
+                if let Err(error) = run.propose(State::retrying()) {
+                    return Err(run.abort(error));
+                }
             }
             None => return run.finish(outcome),
         }
@@ -158,9 +166,13 @@ where
         let outcome = run.check_returned_futures(outcome);
         match run.retry_delay(&outcome, &mut attempt) {
             Some(delay) => {
-                run.propose(State::awaiting_retry(Utc::now() + delay))?;
+                if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
+                    return Err(run.abort(error));
+                }
                 let _ = task_engine::runtime().spawn(tokio::time::sleep(delay)).await;
-                run.propose(State::retrying())?;
+                if let Err(error) = run.propose(State::retrying()) {
+                    return Err(run.abort(error));
+                }
             }
             None => return run.finish(outcome),
         }
@@ -187,6 +199,7 @@ impl FlowRun {
         runner: Arc<dyn TaskRunner>,
     ) -> Result<Self, FlowError> {
         logging::init();
+        crate::reporting::init();
         let parent = context::current().filter(|parent| parent.info.is_some());
         let id = Uuid::new_v4();
         let name = names::generate();
@@ -236,8 +249,7 @@ impl FlowRun {
             return Err(FlowError::Crashed { flow: flow.name.to_owned(), flow_run: run.info.name.clone(), message });
         }
         if let Err(error) = run.propose(State::running()) {
-            run.context.runner.stop();
-            return Err(error);
+            return Err(run.abort(error));
         }
         Ok(run)
     }
@@ -317,6 +329,14 @@ impl FlowRun {
             );
         });
         Some(Duration::from_secs_f64(self.options.retry_delay_seconds.max(0.0)))
+    }
+
+    /// Ends a run that the server stopped: releases the runner and says why.
+    fn abort(self, error: FlowError) -> FlowError {
+        self.context.runner.stop();
+        self.context.span.in_scope(|| tracing::warn!(target: "prefect::flow_run", "Aborted: {}", error.message()));
+        observe::flow_run_finished(&self.info);
+        error
     }
 
     /// Keeps the values of returned futures, stops the runner, and enters the final state.

@@ -14,6 +14,7 @@ pub mod names;
 pub mod observe;
 pub mod options;
 pub mod registry;
+pub mod reporting;
 pub mod runner;
 pub mod state;
 pub mod task_engine;

@@ -77,7 +77,7 @@ impl fmt::Debug for TaskRunHandle {
 
 impl TaskRunHandle {
     pub(crate) fn new(info: TaskRunInfo, task: &'static TaskDefinition, parent: &tracing::Span) -> Self {
-        let span = tracing::info_span!(parent: parent, "task_run", name = %info.name);
+        let span = tracing::info_span!(parent: parent, "task_run", name = %info.name, id = %info.id);
         let state = State::pending();
         observe::task_run_created(&info, &state);
         Self(Arc::new(TaskRun {

@@ -1,0 +1,108 @@
+//! Task runs on Ray reach a real Prefect server with the times they ran on the worker.
+//! `cargo xtask test` passes its shared Prefect server in `PREFECT_TEST_API_URL` and its Ray
+//! cluster in `PREFECT_RAY_TEST_CLUSTER`; without them this test starts its own server and
+//! runs on a temporary Ray instance.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use prefect::reporting::api::Client;
+use prefect::reporting::api::testing::TestServer;
+use prefect::{flow, task};
+use prefect_ray::RayTaskRunner;
+use serde_json::{Value, json};
+use support::{SHARED_CLUSTER_ENV, cluster, now};
+use uuid::Uuid;
+
+/// Sleeps, and says when it ran by the worker's clock (seconds since the epoch).
+#[task(tags = ["ray"])]
+fn nap(millis: u64) -> (f64, f64) {
+    let start = now();
+    println!("napping {millis} ms");
+    std::thread::sleep(Duration::from_millis(millis));
+    (start, now())
+}
+
+#[task]
+fn span(times: Vec<(f64, f64)>) -> f64 {
+    times.iter().map(|t| t.1).fold(0.0, f64::max) - times.iter().map(|t| t.0).fold(f64::MAX, f64::min)
+}
+
+/// The shared test cluster, or a temporary Ray instance.
+fn ray() -> RayTaskRunner {
+    match std::env::var(SHARED_CLUSTER_ENV) {
+        Ok(_) => cluster().runner(),
+        Err(_) => RayTaskRunner::new(),
+    }
+}
+
+/// A nap's task run, and when it ran by its own account.
+type Nap = (Uuid, (f64, f64));
+
+fn seconds(value: &Value) -> f64 {
+    let text = value.as_str().unwrap_or_else(|| panic!("expected a time, got {value}"));
+    let time: DateTime<Utc> = DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc);
+    time.timestamp_micros() as f64 / 1e6
+}
+
+#[test]
+fn task_runs_on_ray_are_reported_with_the_times_they_ran_on_the_worker() {
+    let own =
+        std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().expect("a Prefect test server"));
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    let reporting = prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+
+    #[flow(task_runner = ray())]
+    fn on_ray() -> (Uuid, Vec<Nap>, Uuid) {
+        let naps: Vec<_> = [300, 600].into_iter().map(|millis| nap.submit(millis)).collect();
+        let total = span.submit(&naps[..]);
+        total.wait(None);
+        let times = naps.iter().map(|f| (f.task_run_id(), f.result().unwrap())).collect();
+        (prefect::runtime::flow_run().unwrap().id, times, total.task_run_id())
+    }
+    let (local, naps, total) = on_ray().unwrap();
+    let flow_run = reporting.server_flow_run_id(local).expect("the flow run was created on the server");
+    assert_eq!(client.get(&format!("/flow_runs/{flow_run}")).unwrap()["state_name"], "Completed");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let runs = loop {
+        let body = json!({"flow_runs": {"id": {"any_": [flow_run]}}});
+        let runs = client.post("/task_runs/filter", &body).unwrap().as_array().cloned().unwrap_or_default();
+        if runs.len() == 3 && runs.iter().all(|run| run["state_type"] == "COMPLETED") {
+            break runs;
+        }
+        assert!(Instant::now() < deadline, "the server has: {runs:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let find = |id: Uuid| runs.iter().find(|run| run["id"] == id.to_string()).unwrap();
+    for (id, (started, ended)) in &naps {
+        let run = find(*id);
+        assert_eq!(run["tags"], json!(["ray"]));
+        // The task took its own times inside the run; the run's times bracket them closely.
+        let (start, end) = (seconds(&run["start_time"]), seconds(&run["end_time"]));
+        assert!(start <= *started && started - start < 0.5, "start {start} vs the task's own {started}");
+        assert!(end >= *ended && end - ended < 0.5, "end {end} vs the task's own {ended}");
+        let ran = run["total_run_time"].as_f64().unwrap();
+        assert!((ran - (end - start)).abs() < 0.01, "{run}");
+    }
+    let total_run = find(total);
+    let inputs: Vec<&str> =
+        total_run["task_inputs"]["times"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(inputs, naps.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>());
+
+    // Output printed on the worker is a log line of its task run, at the worker's time.
+    let body = json!({"logs": {"flow_run_id": {"any_": [flow_run]}}, "limit": 200});
+    let logs = client.post("/logs/filter", &body).unwrap();
+    let (nap_id, (started, _)) = naps[0];
+    let printed = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|log| log["message"] == "napping 300 ms")
+        .unwrap_or_else(|| panic!("{logs:#}"));
+    assert_eq!(printed["task_run_id"], nap_id.to_string());
+    assert!((seconds(&printed["timestamp"]) - started).abs() < 0.5, "{printed}");
+}
