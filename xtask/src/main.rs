@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (Python virtual environments with the pinned
 //! Ray and Prefect), so each works on a fresh clone.
 
+mod bench;
 mod prefect_server;
 mod python;
 
@@ -29,6 +30,12 @@ enum Task {
     },
     /// Runs the count_to flow on a temporary Ray instance.
     Demo,
+    /// Runs the benchmarks side by side with raw Ray and prefect-ray; writes bench/results/.
+    Bench {
+        /// Smaller sizes and fewer rounds: under five minutes.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Checks formatting and lints, then runs every test against real Ray and Prefect.
     Test {
         /// Extra arguments for the test runner (a test name filter, say).
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
         Task::Setup { prefect } => setup(prefect),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Bench { quick } => bench::bench(&root(), quick),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,6 +39,19 @@ fn venv(dir: &Path, requirements: &[&str]) -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Installs extra `requirements` into the virtual environment of `python`, if missing.
+pub fn install(python: &Path, requirements: &[&str]) -> Result {
+    let names: Vec<&str> = requirements.iter().map(|r| r.split("==").next().unwrap_or(r)).collect();
+    let present = Command::new(python)
+        .args(["-c", &format!("import {}", names.join(", "))])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(Command::new(python).args(["-m", "pip", "install", "--quiet"]).args(requirements))
+}
+
 /// A Python 3.9 or newer on PATH.
 fn system_python() -> Result<String> {
     for candidate in ["python3.11", "python3.12", "python3.10", "python3"] {

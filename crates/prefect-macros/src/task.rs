@@ -126,7 +126,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         quote_spanned! { value.span() => const _: () = ::prefect::__private::assert_task_value::<#value>(); };
 
     let decode = quote! {
-        let mut __decoder = ::prefect::__private::ArgDecoder::new(&#definition, __payload)?;
+        let mut __decoder = ::prefect::__private::ArgDecoder::new(&#definition, __args)?;
         #( let #names: #types = __decoder.next(#parameter_names)?; )*
     };
     let to_failure = quote! { ::prefect::__private::error_failure(&error) };
@@ -134,9 +134,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         let result = signature.value_as_result(quote! { #original(#(#names),*).await }, to_failure);
         (
             quote! {
-                fn __body(__payload: ::std::vec::Vec<u8>) -> ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure>> + ::core::marker::Send>> {
+                fn __body(__owned: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure>> + ::core::marker::Send>> {
                     ::std::boxed::Box::pin(async move {
-                        let __payload = &__payload[..];
+                        let __slices: ::std::vec::Vec<&[u8]> = __owned.iter().map(|__arg| __arg.as_slice()).collect();
+                        let __args = &__slices[..];
                         #decode
                         let __value: #value = #result?;
                         ::prefect::__private::encode_value(&#definition, &__value)
@@ -160,7 +161,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         let result = signature.value_as_result(quote! { #original(#(#names),*) }, to_failure);
         (
             quote! {
-                fn __body(__payload: &[u8]) -> ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure> {
+                fn __body(__args: &[&[u8]]) -> ::core::result::Result<::std::vec::Vec<u8>, ::prefect::__private::TaskFailure> {
                     #decode
                     let __value: #value = #result?;
                     ::prefect::__private::encode_value(&#definition, &__value)

@@ -8,7 +8,6 @@ started) when the runner says so, when its stdin closes because the runner died,
 SIGTERM.
 """
 
-import collections
 import functools
 import json
 import os
@@ -24,44 +23,30 @@ import traceback
 import msgpack
 
 class Writer:
-    """Writes reply frames from any thread; a thread of its own batches them."""
+    """Writes reply frames from any thread (Ray calls completion callbacks on threads of
+    its own), each frame whole, straight to the pipe: a thread of its own would cost a
+    wake-up per frame."""
 
     def __init__(self, fd):
         self.fd = fd
-        self.queue = collections.deque()
-        self.ready = threading.Condition()
+        self.lock = threading.Lock()
         self.closed = False
-        self.thread = threading.Thread(target=self._run, name="prefect-ray-writer", daemon=True)
-        self.thread.start()
 
     def send(self, message):
         frame = msgpack.packb(message, use_bin_type=True)
-        with self.ready:
-            self.queue.append(struct.pack("<I", len(frame)) + frame)
-            self.ready.notify()
-
-    def _run(self):
-        while True:
-            with self.ready:
-                while not self.queue and not self.closed:
-                    self.ready.wait()
-                if not self.queue and self.closed:
-                    return
-                frames = list(self.queue)
-                self.queue.clear()
-            data = memoryview(b"".join(frames))
+        data = memoryview(struct.pack("<I", len(frame)) + frame)
+        with self.lock:
+            if self.closed:
+                return
             try:
                 while data:
-                    written = os.write(self.fd, data)
-                    data = data[written:]
+                    data = data[os.write(self.fd, data):]
             except OSError:
-                return
+                self.closed = True
 
     def close(self):
-        with self.ready:
+        with self.lock:
             self.closed = True
-            self.ready.notify()
-        self.thread.join(timeout=10)
 
 
 def read_exactly(stream, length):
@@ -175,23 +160,34 @@ class Bridge:
     # -- commands -------------------------------------------------------------------------
 
     def define(self, function_id, task_name, options_json):
+        try:
+            self.define_remote(function_id, task_name, options_json)
+        except Exception as error:
+            log(f"could not define the remote function of task {task_name}:\n{traceback.format_exc()}")
+            self.infeasible[function_id] = f"the Ray bridge could not define the task's remote function: {error!r}"
+
+    def define_remote(self, function_id, task_name, options_json):
         options = json.loads(options_json)
         import prefect_ray_worker
 
-        options.setdefault("name", task_name)
         options["num_returns"] = 2
-        options.setdefault("retry_exceptions", [prefect_ray_worker.ExecutorCrashed])
+        # The trampoline raises only when its executor died (ExecutorCrashed): a system
+        # failure, which Ray retries within max_retries. (A list of exception classes would be
+        # pickled into every task.)
+        options.setdefault("retry_exceptions", True)
         unmet = self.unmet_request(options)
         if unmet:
             self.infeasible[function_id] = unmet
             return
-        remote = self.ray.remote(prefect_ray_worker.named(task_name))
+        # The options go into the remote function itself, once: `.options()` would check
+        # them again on every call. The function's name is the task's.
         try:
-            self.functions[function_id] = remote.options(**options)
+            task = prefect_ray_worker.named(task_name, self.config["executor"])
+            self.functions[function_id] = self.ray.remote(**options)(task)
         except Exception as error:
             self.infeasible[function_id] = f"Ray refused the task's options {options_json}: {error}"
 
-    def submit(self, key, function_id, executor, header, data_keys, status_keys):
+    def submit(self, key, function_id, header, data_keys, status_keys):
         function = self.functions.get(function_id)
         if function is None:
             reason = self.infeasible.get(function_id, "unknown function")
@@ -199,7 +195,7 @@ class Bridge:
             return
         try:
             dependencies = [self.refs[k][1] for k in data_keys] + [self.refs[k][0] for k in status_keys]
-            status_ref, value_ref = function.remote(executor, header, *dependencies)
+            status_ref, value_ref = function.remote(header, *dependencies)
         except Exception as error:
             self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
             return
@@ -207,11 +203,11 @@ class Bridge:
         status_ref._on_completed(functools.partial(self.on_status, key))
 
     def on_status(self, key, result):
-        if isinstance(result, (bytes, bytearray)):
-            self.writer.send({"done": [key, bytes(result)]})
-        else:
+        if isinstance(result, BaseException):
             kind, message = classify(result)
             self.writer.send({"failed": [key, kind, message]})
+        else:
+            self.writer.send({"done": [key, as_bytes(result)]})
 
     def get(self, request, key):
         refs = self.refs.get(key)
@@ -221,10 +217,10 @@ class Bridge:
         refs[1]._on_completed(functools.partial(self.on_value, request))
 
     def on_value(self, request, result):
-        if isinstance(result, (bytes, bytearray)):
-            self.writer.send({"value": [request, bytes(result)]})
-        else:
+        if isinstance(result, BaseException):
             self.writer.send({"value_error": [request, classify(result)[1]]})
+        else:
+            self.writer.send({"value": [request, as_bytes(result)]})
 
     def release(self, keys):
         for key in keys:
@@ -247,6 +243,11 @@ class Bridge:
         namespace = self.ray.get_runtime_context().namespace
         stats = {"peak_rss_bytes": peak, "objects": len(self.refs), "bridge_pid": os.getpid(), "namespace": namespace}
         self.writer.send({"stats": [request, stats]})
+
+
+def as_bytes(blob):
+    """A blob from a task: bytes, or for a large one a bytearray or a Blob."""
+    return blob if isinstance(blob, bytes) else bytes(blob)
 
 
 class Unreachable(Exception):

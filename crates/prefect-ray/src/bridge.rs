@@ -55,7 +55,7 @@ pub struct ClusterInfo {
 #[serde(rename_all = "snake_case")]
 enum Command_<'a> {
     Define(u32, &'a str, &'a str),
-    Submit(u64, u32, &'a str, &'a Bytes, &'a [u64], &'a [u64]),
+    Submit(u64, u32, &'a Bytes, &'a [u64], &'a [u64]),
     Get(u64, u64),
     Release { keys: Vec<u64> },
     Cancel(u64, bool),
@@ -75,6 +75,9 @@ enum Reply {
     Stats(u64, BridgeStats),
     Bye,
 }
+
+/// A remote function of the bridge: a task's options, and the function's id.
+type RemoteFunction = (Map<String, Value>, u32);
 
 /// Figures the bridge reports about itself.
 #[derive(Clone, Debug, Deserialize)]
@@ -145,10 +148,10 @@ pub struct Shared {
     child: Mutex<Child>,
     dispatch: Mutex<Dispatch>,
     room: Condvar,
-    functions: Mutex<HashMap<String, u32>>,
+    /// The remote functions defined so far: per task, its options and the function's id.
+    functions: Mutex<HashMap<&'static str, Vec<RemoteFunction>>>,
     next_key: AtomicU64,
     pub info: ClusterInfo,
-    executor: String,
     max_in_flight: usize,
     alive: AtomicBool,
     releases: Mutex<Vec<u64>>,
@@ -309,6 +312,7 @@ impl Shared {
         init.insert("temp_dir".into(), Value::String(temp_dir.path().join("ray").to_string_lossy().into_owned()));
         init.insert("worker_package".into(), Value::String(package.to_string_lossy().into_owned()));
         init.insert("own_dir".into(), Value::String(temp_dir.path().to_string_lossy().into_owned()));
+        init.insert("executor".into(), Value::String(executor));
         let sent = rmp_serde::to_vec_named(&init).map_err(std::io::Error::other).and_then(|body| {
             commands.write_all(&(body.len() as u32).to_le_bytes())?;
             commands.write_all(&body)?;
@@ -366,7 +370,6 @@ impl Shared {
             functions: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             info,
-            executor,
             max_in_flight: config.max_in_flight.max(1),
             alive: AtomicBool::new(true),
             releases: Mutex::new(Vec::new()),
@@ -412,16 +415,20 @@ impl Shared {
     }
 
     /// The id of the remote function for this task with these options, defined on first use.
-    pub fn function(&self, task_key: &str, task_name: &str, options: &Map<String, Value>) -> Result<u32, String> {
-        let options_json = serde_json::to_string(options).expect("JSON values serialize");
-        let identity = format!("{task_key}\u{0}{options_json}");
+    pub fn function(
+        &self,
+        task_key: &'static str,
+        task_name: &str,
+        options: &Map<String, Value>,
+    ) -> Result<u32, String> {
         let mut functions = lock(&self.functions);
-        if let Some(id) = functions.get(&identity) {
+        if let Some((_, id)) = functions.get(task_key).into_iter().flatten().find(|(known, _)| known == options) {
             return Ok(*id);
         }
-        let id = functions.len() as u32;
+        let id = functions.values().map(Vec::len).sum::<usize>() as u32;
+        let options_json = serde_json::to_string(options).expect("JSON values serialize");
         self.send(&Command_::Define(id, task_name, &options_json))?;
-        functions.insert(identity, id);
+        functions.entry(task_key).or_default().push((options.clone(), id));
         Ok(id)
     }
 
@@ -450,8 +457,7 @@ impl Shared {
             dispatch.runs.insert(key, pending);
         }
         run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
-        let submitted =
-            self.send(&Command_::Submit(key, function, &self.executor, Bytes::new(header), value_keys, report_keys));
+        let submitted = self.send(&Command_::Submit(key, function, Bytes::new(header), value_keys, report_keys));
         if let Err(message) = submitted
             && let Some(pending) = self.take_run(key)
         {

@@ -14,6 +14,13 @@ use uuid::Uuid;
 pub const COMPLETED: u8 = 0;
 /// The first byte of a report or value of a run that did not complete.
 pub const NOT_COMPLETED: u8 = 1;
+/// The first byte of a blob between the trampoline and the executor that is kept in a
+/// shared-memory file instead: the rest is the file's path.
+pub const IN_FILE: u8 = 2;
+
+/// Values larger than this go between the executor and the trampoline through a
+/// shared-memory file rather than the pipe: one copy instead of three.
+pub const FILE_LIMIT: usize = 1 << 20;
 
 /// Everything an executor needs to run one task run.
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +58,7 @@ pub enum Stream {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutputLine {
     /// When the task wrote it, on the worker's clock.
+    #[serde(with = "chrono::serde::ts_microseconds")]
     pub time: DateTime<Utc>,
     /// Where it came from.
     pub stream: Stream,
@@ -59,9 +67,11 @@ pub struct OutputLine {
 }
 
 /// How a run went on the worker: every state it entered, and what it printed and logged.
+/// Encoded compactly (MessagePack arrays, times as microseconds): every run sends one.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct RunReport {
     /// The states after `Pending`, in order; the last is final.
+    #[serde(with = "compact_states")]
     pub states: Vec<State>,
     /// Output and log lines, in order.
     pub output: Vec<OutputLine>,
@@ -71,30 +81,69 @@ pub struct RunReport {
     pub pid: u32,
 }
 
-/// Encodes a report behind its completion byte.
-pub fn encode_report(report: &RunReport) -> Vec<u8> {
+/// Values up to this size also travel inside the report, so the driver has them at hand
+/// without asking Ray: Ray hands results this small to the driver's process anyway.
+pub const INLINE_VALUE_LIMIT: usize = 64 << 10;
+
+/// States as `[type, name if not the type's, message, time in µs, scheduled time in µs]`.
+mod compact_states {
+    use chrono::{DateTime, Utc};
+    use prefect::{State, StateType};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Wire = (StateType, Option<String>, Option<String>, i64, Option<i64>);
+
+    pub fn serialize<S: Serializer>(states: &[State], serializer: S) -> Result<S::Ok, S::Error> {
+        let wire: Vec<Wire> = states
+            .iter()
+            .map(|state| {
+                let name = (state.name != state.state_type.default_name()).then(|| state.name.clone());
+                let scheduled = state.scheduled_time.map(|t| t.timestamp_micros());
+                (state.state_type, name, state.message.clone(), state.timestamp.timestamp_micros(), scheduled)
+            })
+            .collect();
+        wire.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<State>, D::Error> {
+        let time = |micros: i64| DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default();
+        let wire = Vec::<Wire>::deserialize(deserializer)?;
+        Ok(wire
+            .into_iter()
+            .map(|(state_type, name, message, timestamp, scheduled)| State {
+                state_type,
+                name: name.unwrap_or_else(|| state_type.default_name().to_owned()),
+                message,
+                timestamp: time(timestamp),
+                scheduled_time: scheduled.map(time),
+            })
+            .collect())
+    }
+}
+
+/// Encodes a report: its completion byte, then the report, then, for a small value, the
+/// value blob (the completion byte, then the value; see [`decode_value`]). The first byte alone tells a dependent run whether
+/// the run completed.
+pub fn encode_report(report: &RunReport, value: &[&[u8]]) -> Vec<u8> {
     let completed = report.states.last().is_some_and(State::is_completed);
-    let mut bytes = vec![if completed { COMPLETED } else { NOT_COMPLETED }];
-    rmp_serde::encode::write_named(&mut bytes, report).expect("a report always serializes");
+    let mut bytes = vec![if completed { COMPLETED } else { NOT_COMPLETED }, 0, 0, 0, 0];
+    rmp_serde::encode::write(&mut bytes, report).expect("a report always serializes");
+    let length = (bytes.len() - 5) as u32;
+    bytes[1..5].copy_from_slice(&length.to_le_bytes());
+    if value.iter().map(|slice| slice.len()).sum::<usize>() <= INLINE_VALUE_LIMIT {
+        value.iter().for_each(|slice| bytes.extend_from_slice(slice));
+    }
     bytes
 }
 
-/// Decodes a report written by [`encode_report`].
-pub fn decode_report(bytes: &[u8]) -> Result<RunReport, String> {
-    let body = bytes.get(1..).ok_or("an empty report")?;
-    rmp_serde::from_slice(body).map_err(|error| format!("an unreadable report: {error}"))
-}
-
-/// A value blob: the completion byte, then the MessagePack value or the reason there is none.
-pub fn encode_value(value: Result<&[u8], &str>) -> Vec<u8> {
-    let (tag, body) = match value {
-        Ok(bytes) => (COMPLETED, bytes),
-        Err(reason) => (NOT_COMPLETED, reason.as_bytes()),
-    };
-    let mut bytes = Vec::with_capacity(body.len() + 1);
-    bytes.push(tag);
-    bytes.extend_from_slice(body);
-    bytes
+/// Decodes a report written by [`encode_report`], with the value blob it carries, if any.
+pub fn decode_report(bytes: &[u8]) -> Result<(RunReport, Option<&[u8]>), String> {
+    let length = bytes.get(1..5).ok_or("a report cut short")?;
+    let length = u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize;
+    let body = bytes.get(5..5 + length).ok_or("a report cut short")?;
+    let report = rmp_serde::from_slice(body).map_err(|error| format!("an unreadable report: {error}"))?;
+    let value = Some(&bytes[5 + length..]).filter(|value| !value.is_empty());
+    Ok((report, value))
 }
 
 /// The value in a blob, or the reason the run has none.
@@ -113,12 +162,28 @@ mod tests {
     #[test]
     fn the_first_byte_tells_completion() {
         let completed = RunReport { states: vec![State::running(), State::completed()], ..Default::default() };
-        let failed = RunReport { states: vec![State::running(), State::failed("x")], ..Default::default() };
-        assert_eq!(encode_report(&completed)[0], COMPLETED);
-        assert_eq!(encode_report(&failed)[0], NOT_COMPLETED);
-        let back = decode_report(&encode_report(&failed)).unwrap();
-        assert_eq!(back.states[1].message.as_deref(), Some("x"));
-        assert_eq!(decode_value(&encode_value(Ok(b"abc"))).unwrap(), b"abc");
-        assert_eq!(decode_value(&encode_value(Err("Failed('x')"))).unwrap_err(), "Failed('x')");
+        let retry_at = chrono::DateTime::<Utc>::from_timestamp_micros(1_800_000_000_123_456).unwrap();
+        let failed = RunReport {
+            states: vec![State::running(), State::awaiting_retry(retry_at), State::retrying(), State::failed("x")],
+            ..Default::default()
+        };
+        let blob = |tag: u8, body: &[u8]| [&[tag][..], body].concat();
+        let small = blob(COMPLETED, b"abc");
+        let large = blob(COMPLETED, &vec![1u8; INLINE_VALUE_LIMIT + 1]);
+        assert_eq!(encode_report(&completed, &[&small])[0], COMPLETED);
+        assert_eq!(encode_report(&failed, &[&small])[0], NOT_COMPLETED);
+        let encoded = encode_report(&failed, &[&small]);
+        let (back, value) = decode_report(&encoded).unwrap();
+        let to_micros = |states: &[State]| -> Vec<State> {
+            let truncate = |t: DateTime<Utc>| DateTime::<Utc>::from_timestamp_micros(t.timestamp_micros()).unwrap();
+            states.iter().cloned().map(|s| State { timestamp: truncate(s.timestamp), ..s }).collect()
+        };
+        assert_eq!(back.states, to_micros(&failed.states), "states survive the compact encoding, to the microsecond");
+        assert_eq!(back.states[3].message.as_deref(), Some("x"));
+        assert_eq!(value, Some(&small[..]), "a small value travels with its report");
+        let encoded = encode_report(&completed, &[&large[..1], &large[1..]]);
+        assert_eq!(decode_report(&encoded).unwrap().1, None, "a large one stays in the object store");
+        assert_eq!(decode_value(&small).unwrap(), b"abc");
+        assert_eq!(decode_value(&blob(NOT_COMPLETED, b"Failed('x')")).unwrap_err(), "Failed('x')");
     }
 }

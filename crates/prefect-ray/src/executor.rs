@@ -46,7 +46,9 @@ fn enter_executor_mode() {
 /// Serves task runs until the worker closes the command pipe.
 fn serve(commands: RawFd, replies: RawFd) -> ! {
     // SAFETY: the trampoline passed these descriptors for this purpose; nothing else owns them.
-    let (mut commands, mut replies) = unsafe { (File::from_raw_fd(commands), File::from_raw_fd(replies)) };
+    let (commands, replies) = unsafe { (File::from_raw_fd(commands), File::from_raw_fd(replies)) };
+    let (mut commands, mut replies) =
+        (std::io::BufReader::with_capacity(1 << 16, commands), std::io::BufWriter::with_capacity(1 << 16, replies));
     let output = Output::capture();
     let subscriber = tracing_subscriber::registry().with(RecordEvents(output.clone()));
     let _ = tracing::subscriber::set_global_default(subscriber);
@@ -59,10 +61,28 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
                 std::process::exit(1);
             }
         };
-        let (report, value) = run(&parts, &output);
+        let (report, value) = run(parts, &output);
         let restart = task_engine::abandoned_attempts_running();
         let control: &[u8] = if restart { b"exit" } else { b"" };
-        if let Err(error) = write_parts(&mut replies, &[&envelope::encode_report(&report), &value, control]) {
+        let value: [&[u8]; 2] = [&[value.0], &value.1];
+        let report = envelope::encode_report(&report, &value);
+        let in_file = match value[1].len() > envelope::FILE_LIMIT {
+            true => match write_shared(&value) {
+                Ok(reference) => Some(reference),
+                Err(error) => {
+                    eprintln!(
+                        "prefect-ray executor: could not use shared memory ({error}); sending the value through the pipe"
+                    );
+                    None
+                }
+            },
+            false => None,
+        };
+        let value: &[&[u8]] = match &in_file {
+            Some(reference) => &[reference],
+            None => &value,
+        };
+        if let Err(error) = write_parts(&mut replies, &[&[&report], value, &[control]]) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
             std::process::exit(1);
         }
@@ -73,25 +93,83 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
 }
 
 /// Runs one task run from its header and its dependencies' values and reports.
-fn run(parts: &[Vec<u8>], output: &Output) -> (RunReport, Vec<u8>) {
+/// A blob from the worker: in the frame, or, when large, mapped from a shared-memory file.
+enum Blob {
+    Inline(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Blob::Inline(bytes) => bytes,
+            Blob::Mapped(map) => map,
+        }
+    }
+}
+
+impl Blob {
+    /// The blob of a frame's part: the part, or the file it names (which goes at once).
+    fn open(part: Vec<u8>) -> std::io::Result<Blob> {
+        let Some(path) = part.strip_prefix(&[envelope::IN_FILE]) else { return Ok(Blob::Inline(part)) };
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(path).into_owned());
+        let file = File::open(&path)?;
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: the file is ours alone: its writer handed it over and it is unlinked.
+        Ok(Blob::Mapped(unsafe { memmap2::Mmap::map(&file)? }))
+    }
+}
+
+/// Writes a blob made of `slices` to a new shared-memory file; returns the part that names it.
+fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = std::path::Path::new("/dev/shm");
+    let dir = if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() };
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("prefect-ray-{}-{count}", std::process::id()));
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&path)?);
+    for slice in slices {
+        file.write_all(slice)?;
+    }
+    file.flush()?;
+    let mut reference = vec![envelope::IN_FILE];
+    reference.extend_from_slice(path.to_string_lossy().as_bytes());
+    Ok(reference)
+}
+
+/// Runs one task run; returns its report, and its value as the completion byte and the
+/// MessagePack value (or, for a run that did not complete, the text of its final state).
+fn run(parts: Vec<Vec<u8>>, output: &Output) -> (RunReport, (u8, Vec<u8>)) {
     output.begin();
     let mut states = Vec::new();
     let value = execute(parts, &mut states);
     let (lines, dropped_lines) = output.end();
     let report = RunReport { states, output: lines, dropped_lines, pid: std::process::id() };
-    let value = match (&value, report.states.last()) {
-        (Some(bytes), Some(last)) if last.is_completed() => envelope::encode_value(Ok(bytes)),
-        (_, last) => envelope::encode_value(Err(&last.map_or_else(|| "no state".to_owned(), State::to_string))),
+    let value = match (value, report.states.last()) {
+        (Some(bytes), Some(last)) if last.is_completed() => (envelope::COMPLETED, bytes),
+        (_, last) => {
+            (envelope::NOT_COMPLETED, last.map_or_else(|| "no state".to_owned(), State::to_string).into_bytes())
+        }
     };
     (report, value)
 }
 
-fn execute(parts: &[Vec<u8>], states: &mut Vec<State>) -> Option<Vec<u8>> {
-    let Some((header, dependencies)) = parts.split_first() else {
+fn execute(mut parts: Vec<Vec<u8>>, states: &mut Vec<State>) -> Option<Vec<u8>> {
+    if parts.is_empty() {
         states.push(State::crashed("the worker sent an empty call"));
         return None;
+    }
+    let header = parts.remove(0);
+    let dependencies = match parts.into_iter().map(Blob::open).collect::<std::io::Result<Vec<_>>>() {
+        Ok(dependencies) => dependencies,
+        Err(error) => {
+            states.push(State::crashed(format!("could not read an upstream value from shared memory: {error}")));
+            return None;
+        }
     };
-    let header: CallHeader = match rmp_serde::from_slice(header) {
+    let header: CallHeader = match rmp_serde::from_slice(&header) {
         Ok(header) => header,
         Err(error) => {
             states.push(State::crashed(format!("the worker sent a call this executor cannot read: {error}")));
@@ -113,7 +191,7 @@ fn execute(parts: &[Vec<u8>], states: &mut Vec<State>) -> Option<Vec<u8>> {
         if blob.first() != Some(&envelope::COMPLETED) {
             let state = envelope::decode_report(blob)
                 .ok()
-                .and_then(|r| r.states.last().map(State::to_string))
+                .and_then(|(report, _)| report.states.last().map(State::to_string))
                 .unwrap_or_else(|| "an unknown state".into());
             states.push(not_ready_from(name, &state));
             return None;
@@ -136,9 +214,9 @@ fn execute(parts: &[Vec<u8>], states: &mut Vec<State>) -> Option<Vec<u8>> {
         )));
         return None;
     }
-    let payload = assemble(&header.args, &upstream_values);
+    let args = assemble(&header.args, &upstream_values);
     let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
-    let execution = task_engine::execute(task, payload, &header.options, &span, &mut |state| states.push(state));
+    let execution = task_engine::execute(task, &args, &header.options, &span, &mut |state| states.push(state));
     states.push(execution.state);
     execution.result
 }

@@ -28,15 +28,18 @@ pub fn read_message<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Op
 }
 
 /// Writes byte strings as one frame: a `u32` count, a `u64` length each, then the bytes.
-pub fn write_parts(out: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+/// Each part is given as slices that are written one after the other, so a part made of a
+/// tag and a large value needs no copy to join them.
+pub fn write_parts(out: &mut impl Write, parts: &[&[&[u8]]]) -> io::Result<()> {
     let mut header = Vec::with_capacity(4 + 8 * parts.len());
     header.extend_from_slice(&(parts.len() as u32).to_le_bytes());
     for part in parts {
-        header.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        let length: usize = part.iter().map(|slice| slice.len()).sum();
+        header.extend_from_slice(&(length as u64).to_le_bytes());
     }
     out.write_all(&header)?;
-    for part in parts {
-        out.write_all(part)?;
+    for slice in parts.iter().flat_map(|part| part.iter()) {
+        out.write_all(slice)?;
     }
     out.flush()
 }
@@ -70,7 +73,7 @@ mod tests {
     #[test]
     fn parts_round_trip_and_end_cleanly() {
         let mut buffer = Vec::new();
-        write_parts(&mut buffer, &[b"header", b"", &[7u8; 1000]]).unwrap();
+        write_parts(&mut buffer, &[&[b"header"], &[], &[&[7u8; 600], &[7u8; 400]]]).unwrap();
         let mut reader = buffer.as_slice();
         let parts = read_parts(&mut reader).unwrap().unwrap();
         assert_eq!(parts, vec![b"header".to_vec(), Vec::new(), vec![7u8; 1000]]);

@@ -14,12 +14,17 @@ use crate::envelope::{self, OutputLine, Stream};
 /// Applies a run's report: replays its output under the run's name, then its states.
 pub fn apply(pending: &PendingRun, report: &[u8], value: Option<ResultData>) {
     let run = &pending.run;
-    let report = match envelope::decode_report(report) {
-        Ok(report) => report,
+    let (report, inline_value) = match envelope::decode_report(report) {
+        Ok(decoded) => decoded,
         Err(error) => {
             run.finish(State::crashed(format!("the executor sent {error}")), None);
             return;
         }
+    };
+    // A small value came with the report: `.result()` needs no trip to Ray for it.
+    let value = match inline_value.map(envelope::decode_value) {
+        Some(Ok(bytes)) => Some(ResultData::Inline(Arc::new(bytes.to_vec()))),
+        _ => value,
     };
     {
         let _entered = run.span().enter();

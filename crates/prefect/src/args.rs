@@ -6,6 +6,8 @@
 //! upstream results are at hand, wherever that is. MessagePack values concatenate, so
 //! assembling is copying bytes: no value is decoded on the way.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::TaskFailure;
@@ -291,8 +293,14 @@ fn renumber(arg: Arg, offsets: &[usize]) -> Arg {
     }
 }
 
-/// Builds a task's payload: a MessagePack array of its arguments, with each upstream slot
-/// filled by that upstream run's serialized result.
+/// A task's arguments, ready for its body: one MessagePack value per parameter, each
+/// borrowed where it can be (a value, or a whole upstream result) and built only for lists
+/// that hold upstream results.
+pub type Arguments<'a> = Vec<Cow<'a, [u8]>>;
+
+/// Builds a task's arguments, with each upstream slot filled by that upstream run's
+/// serialized result. Arguments that are plain values or whole upstream results are not
+/// copied: MessagePack values concatenate, so a list is its header and its elements' bytes.
 ///
 /// # Panics
 ///
@@ -305,18 +313,13 @@ fn renumber(arg: Arg, offsets: &[usize]) -> Arg {
 ///
 /// let two = rmp_serde::to_vec(&2u32).unwrap();
 /// let five = rmp_serde::to_vec(&5u32).unwrap();
-/// let payload = assemble(&[Arg::Value(two), Arg::List(vec![Arg::Upstream(0)])], &[&five]);
-/// let decoded: (u32, Vec<u32>) = rmp_serde::from_slice(&payload).unwrap();
-/// assert_eq!(decoded, (2, vec![5]));
+/// let args = [Arg::Value(two), Arg::List(vec![Arg::Upstream(0), Arg::Upstream(0)])];
+/// let built = assemble(&args, &[&five]);
+/// let first: u32 = rmp_serde::from_slice(&built[0]).unwrap();
+/// let second: Vec<u32> = rmp_serde::from_slice(&built[1]).unwrap();
+/// assert_eq!((first, second), (2, vec![5, 5]));
 /// ```
-pub fn assemble(args: &[Arg], upstream_results: &[&[u8]]) -> Vec<u8> {
-    fn size(arg: &Arg, upstream_results: &[&[u8]]) -> usize {
-        match arg {
-            Arg::Value(bytes) => bytes.len(),
-            Arg::Upstream(index) => upstream_results[*index].len(),
-            Arg::List(items) => 5 + items.iter().map(|item| size(item, upstream_results)).sum::<usize>(),
-        }
-    }
+pub fn assemble<'a>(args: &'a [Arg], upstream_results: &[&'a [u8]]) -> Arguments<'a> {
     fn write(out: &mut Vec<u8>, arg: &Arg, upstream_results: &[&[u8]]) {
         match arg {
             Arg::Value(bytes) => out.extend_from_slice(bytes),
@@ -329,44 +332,42 @@ pub fn assemble(args: &[Arg], upstream_results: &[&[u8]]) -> Vec<u8> {
             }
         }
     }
-    let total = 5 + args.iter().map(|arg| size(arg, upstream_results)).sum::<usize>();
-    let mut out = Vec::with_capacity(total);
-    rmp::encode::write_array_len(&mut out, args.len() as u32).expect("writing to a Vec cannot fail");
-    for arg in args {
-        write(&mut out, arg, upstream_results);
-    }
-    out
+    args.iter()
+        .map(|arg| match arg {
+            Arg::Value(bytes) => Cow::Borrowed(bytes.as_slice()),
+            Arg::Upstream(index) => Cow::Borrowed(upstream_results[*index]),
+            list => {
+                let mut out = Vec::new();
+                write(&mut out, list, upstream_results);
+                Cow::Owned(out)
+            }
+        })
+        .collect()
 }
 
-/// Decodes a task's payload one parameter at a time, so an error names the parameter.
+/// Decodes a task's arguments one parameter at a time, so an error names the parameter.
 /// Used by the code `#[task]` generates.
 pub struct ArgDecoder<'a> {
     task: &'static TaskDefinition,
-    remaining: &'a [u8],
+    args: std::slice::Iter<'a, &'a [u8]>,
 }
 
 impl<'a> ArgDecoder<'a> {
-    /// Starts decoding `payload` for `task`.
+    /// Starts decoding `args` (one MessagePack value per parameter) for `task`.
     ///
     /// # Errors
     ///
-    /// If the payload is not an array with one element per parameter.
-    pub fn new(task: &'static TaskDefinition, payload: &'a [u8]) -> Result<Self, TaskFailure> {
-        let mut remaining = payload;
-        let count = rmp::decode::read_array_len(&mut remaining).map_err(|error| {
-            TaskFailure::permanent(format!(
-                "the arguments of task '{}' are not a MessagePack array: {error}",
-                task.name
-            ))
-        })?;
-        if count as usize != task.parameters.len() {
+    /// If there is not one argument per parameter.
+    pub fn new(task: &'static TaskDefinition, args: &'a [&'a [u8]]) -> Result<Self, TaskFailure> {
+        if args.len() != task.parameters.len() {
             return Err(TaskFailure::permanent(format!(
-                "task '{}' takes {} parameter(s) but received {count} argument(s); the caller was built from other code",
+                "task '{}' takes {} parameter(s) but received {} argument(s); the caller was built from other code",
                 task.name,
-                task.parameters.len()
+                task.parameters.len(),
+                args.len()
             )));
         }
-        Ok(Self { task, remaining })
+        Ok(Self { task, args: args.iter() })
     }
 
     /// Decodes the next parameter.
@@ -375,8 +376,8 @@ impl<'a> ArgDecoder<'a> {
     ///
     /// If the bytes do not decode as a `T`; the message names the task and the parameter.
     pub fn next<T: DeserializeOwned>(&mut self, parameter: &str) -> Result<T, TaskFailure> {
-        let mut deserializer = rmp_serde::Deserializer::new(&mut self.remaining);
-        T::deserialize(&mut deserializer).map_err(|error| {
+        let bytes = self.args.next().copied().unwrap_or_default();
+        rmp_serde::from_slice(bytes).map_err(|error| {
             TaskFailure::permanent(format!(
                 "could not deserialize parameter '{parameter}' of task '{}' as `{}`: {error}",
                 self.task.name,
@@ -431,14 +432,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn assemble_fills_upstream_slots_inside_lists() {
+    fn assemble_fills_upstream_slots_inside_lists_and_borrows_the_rest() {
         let value = |v: u32| Arg::Value(rmp_serde::to_vec(&v).unwrap());
         let upstream = [rmp_serde::to_vec(&7u32).unwrap(), rmp_serde::to_vec(&9u32).unwrap()];
         let refs: Vec<&[u8]> = upstream.iter().map(Vec::as_slice).collect();
-        let args = [value(1), Arg::List(vec![Arg::Upstream(1), value(3), Arg::Upstream(0)])];
-        let payload = assemble(&args, &refs);
-        let decoded: (u32, Vec<u32>) = rmp_serde::from_slice(&payload).unwrap();
-        assert_eq!(decoded, (1, vec![9, 3, 7]));
+        let args = [value(1), Arg::Upstream(0), Arg::List(vec![Arg::Upstream(1), value(3), Arg::Upstream(0)])];
+        let built = assemble(&args, &refs);
+        assert!(matches!(built[0], Cow::Borrowed(_)) && matches!(built[1], Cow::Borrowed(_)), "no copies");
+        let decoded: (u32, u32, Vec<u32>) = (
+            rmp_serde::from_slice(&built[0]).unwrap(),
+            rmp_serde::from_slice(&built[1]).unwrap(),
+            rmp_serde::from_slice(&built[2]).unwrap(),
+        );
+        assert_eq!(decoded, (1, 7, vec![9, 3, 7]));
     }
 
     #[test]

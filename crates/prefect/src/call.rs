@@ -115,17 +115,20 @@ impl Task {
                 spec.run.finish(state, None);
                 return spec.run;
             }
-            let payload = match spec.local_payload() {
-                Ok(payload) => payload,
+            let results = match spec.upstream_results() {
+                Ok(results) => results,
                 Err(error) => {
                     spec.run.finish(State::not_ready(error.to_string()), None);
                     return spec.run;
                 }
             };
+            let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
+            let args: Vec<Vec<u8>> =
+                crate::args::assemble(&spec.args, &slices).into_iter().map(|arg| arg.into_owned()).collect();
             let reporter = spec.run.clone();
             let execution = task_engine::execute_async(
                 spec.run.task(),
-                payload,
+                args,
                 spec.options.clone(),
                 spec.run.span().clone(),
                 move |state| reporter.set_state(state),

@@ -13,24 +13,27 @@ use std::sync::OnceLock;
 use crate::error::TaskFailure;
 use crate::options::TaskOptions;
 
+/// A sync task's body: one MessagePack value per parameter in, the MessagePack value out.
+pub type SyncBody = fn(&[&[u8]]) -> Result<Vec<u8>, TaskFailure>;
+
 /// The future of an async task's body: its serialized value, or why there is none.
 pub type BodyFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, TaskFailure>> + Send>>;
 
-/// A task's body with its arguments and result in serialized form.
+/// A task's body with its arguments and result in serialized form: one MessagePack value
+/// per parameter in, the MessagePack value out.
 #[derive(Clone, Copy, Debug)]
 pub enum TaskBody {
-    /// A `fn`: decodes the payload, runs, encodes the value.
-    Sync(fn(&[u8]) -> Result<Vec<u8>, TaskFailure>),
-    /// An `async fn`: the same, as a future.
-    Async(fn(Vec<u8>) -> BodyFuture),
+    /// A `fn`: decodes the arguments, runs, encodes the value.
+    Sync(SyncBody),
+    /// An `async fn`: the same, as a future that owns its arguments.
+    Async(fn(Vec<Vec<u8>>) -> BodyFuture),
 }
 
 /// Everything the engine knows about a task, independent of any one run.
 ///
 /// `#[task]` generates one per task function and registers it in [`TASKS`].
-/// The payload a body takes is a MessagePack array with one element per parameter; its
-/// value is the MessagePack encoding of the task's value (the `Ok` value for a task that
-/// returns `Result`).
+/// A body takes one MessagePack value per parameter; its value is the MessagePack encoding
+/// of the task's value (the `Ok` value for a task that returns `Result`).
 #[derive(Debug)]
 pub struct TaskDefinition {
     /// The task's display name: the function's name unless `#[task(name = ...)]` says otherwise.

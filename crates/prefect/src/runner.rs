@@ -12,7 +12,9 @@
 
 use std::error::Error;
 
-use crate::args::{Arg, assemble};
+use std::sync::Arc;
+
+use crate::args::Arg;
 use crate::error::TaskError;
 use crate::observe::FlowRunInfo;
 use crate::options::TaskOptions;
@@ -45,15 +47,14 @@ impl TaskRunSpec {
         self.dependencies().find(|run| !run.state().is_completed()).map(|run| not_ready(run.name(), &run.state()))
     }
 
-    /// Builds the payload in this process, fetching upstream results here.
+    /// The upstream runs' serialized results, fetched into this process; with them,
+    /// [`assemble`](crate::args::assemble) builds the arguments.
     ///
     /// # Errors
     ///
     /// If an upstream result is unavailable.
-    pub fn local_payload(&self) -> Result<Vec<u8>, TaskError> {
-        let results = self.upstreams.iter().map(TaskRunHandle::result_bytes).collect::<Result<Vec<_>, _>>()?;
-        let slices: Vec<&[u8]> = results.iter().map(|bytes| bytes.as_slice()).collect();
-        Ok(assemble(&self.args, &slices))
+    pub fn upstream_results(&self) -> Result<Vec<Arc<Vec<u8>>>, TaskError> {
+        self.upstreams.iter().map(TaskRunHandle::result_bytes).collect()
     }
 }
 

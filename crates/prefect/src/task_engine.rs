@@ -4,6 +4,7 @@
 //! executor on another machine, so a task behaves the same wherever it runs.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::{Instrument, Span};
 
+use crate::args::assemble;
 use crate::error::TaskFailure;
 use crate::options::TaskOptions;
 use crate::registry::{TaskBody, TaskDefinition};
@@ -36,15 +38,17 @@ pub fn run_here(spec: &TaskRunSpec) {
         spec.run.finish(state, None);
         return;
     }
-    let payload = match spec.local_payload() {
-        Ok(payload) => payload,
+    let results = match spec.upstream_results() {
+        Ok(results) => results,
         Err(error) => {
             spec.run.finish(State::not_ready(error.to_string()), None);
             return;
         }
     };
+    let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
+    let args = assemble(&spec.args, &slices);
     let execution =
-        execute(spec.run.task(), payload, &spec.options, spec.run.span(), &mut |state| spec.run.set_state(state));
+        execute(spec.run.task(), &args, &spec.options, spec.run.span(), &mut |state| spec.run.set_state(state));
     spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 
@@ -57,20 +61,29 @@ pub fn run_here(spec: &TaskRunSpec) {
 /// is cancelled (dropped at its next `.await`) when it overruns.
 pub fn execute(
     task: &'static TaskDefinition,
-    payload: Vec<u8>,
+    args: &[Cow<'_, [u8]>],
     options: &TaskOptions,
     span: &Span,
     report: &mut dyn FnMut(State),
 ) -> Execution {
     install_panic_hook();
-    let payload = Arc::new(payload);
+    let borrowed: Vec<&[u8]> = args.iter().map(|arg| arg.as_ref()).collect();
+    // An attempt on a thread of its own (one with a timeout) needs arguments it can keep.
+    let mut owned: Option<Arc<Vec<Vec<u8>>>> = None;
     let mut retries = Retries::new(options);
     report(State::running());
     loop {
-        let outcome = match task.body {
-            TaskBody::Sync(body) => attempt_sync(body, &payload, options.timeout(), span),
-            TaskBody::Async(body) => {
-                runtime().block_on(attempt_async(body, payload.to_vec(), options.timeout(), span.clone()))
+        let outcome = match (task.body, options.timeout()) {
+            (TaskBody::Sync(body), None) => {
+                let _entered = span.enter();
+                catch_task_panic(|| body(&borrowed))
+            }
+            (TaskBody::Sync(body), Some(limit)) => {
+                let owned = owned.get_or_insert_with(|| Arc::new(to_owned(args))).clone();
+                attempt_sync_timed(body, owned, limit, span)
+            }
+            (TaskBody::Async(body), timeout) => {
+                runtime().block_on(attempt_async(body, to_owned(args), timeout, span.clone()))
             }
         };
         match retries.after(outcome, span) {
@@ -88,24 +101,37 @@ pub fn execute(
 /// caller may await it from any executor.
 pub async fn execute_async(
     task: &'static TaskDefinition,
-    payload: Vec<u8>,
+    args: Vec<Vec<u8>>,
     options: TaskOptions,
     span: Span,
     mut report: impl FnMut(State) + Send + 'static,
 ) -> Execution {
     install_panic_hook();
+    let args = Arc::new(args);
     let job = async move {
         let mut retries = Retries::new(&options);
         report(State::running());
         loop {
-            let outcome = match task.body {
-                TaskBody::Sync(body) => {
-                    let (payload, span, timeout) = (Arc::new(payload.clone()), span.clone(), options.timeout());
-                    tokio::task::spawn_blocking(move || attempt_sync(body, &payload, timeout, &span))
+            let outcome = match (task.body, options.timeout()) {
+                (TaskBody::Sync(body), None) => {
+                    let (args, span) = (args.clone(), span.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        let borrowed: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                        catch_task_panic(|| body(&borrowed))
+                    })
+                    .await
+                    .unwrap_or_else(|error| Err(TaskFailure::retryable(format!("task thread failed: {error}"))))
+                }
+                (TaskBody::Sync(body), Some(limit)) => {
+                    let (args, span) = (args.clone(), span.clone());
+                    tokio::task::spawn_blocking(move || attempt_sync_timed(body, args, limit, &span))
                         .await
                         .unwrap_or_else(|error| Err(TaskFailure::retryable(format!("task thread failed: {error}"))))
                 }
-                TaskBody::Async(body) => attempt_async(body, payload.clone(), options.timeout(), span.clone()).await,
+                (TaskBody::Async(body), timeout) => {
+                    attempt_async(body, args.as_ref().clone(), timeout, span.clone()).await
+                }
             };
             match retries.after(outcome, &span) {
                 Next::Done(execution) => return execution,
@@ -179,21 +205,23 @@ pub fn timeout_message(limit: Duration) -> String {
     format!("Task run exceeded timeout of {} second(s)", limit.as_secs_f64())
 }
 
-fn attempt_sync(
-    body: fn(&[u8]) -> Result<Vec<u8>, TaskFailure>,
-    payload: &Arc<Vec<u8>>,
-    timeout: Option<Duration>,
+fn to_owned(args: &[Cow<'_, [u8]>]) -> Vec<Vec<u8>> {
+    args.iter().map(|arg| arg.to_vec()).collect()
+}
+
+/// One attempt of a sync task on a thread of its own, abandoned if it overruns `limit`.
+fn attempt_sync_timed(
+    body: crate::registry::SyncBody,
+    args: Arc<Vec<Vec<u8>>>,
+    limit: Duration,
     span: &Span,
 ) -> Result<Vec<u8>, TaskFailure> {
-    let Some(limit) = timeout else {
-        let _entered = span.enter();
-        return catch_task_panic(|| body(payload));
-    };
     let (sender, receiver) = mpsc::channel();
-    let (payload, span) = (payload.clone(), span.clone());
+    let span = span.clone();
     let spawned = std::thread::Builder::new().name("prefect-task".into()).spawn(move || {
         let _entered = span.enter();
-        let outcome = catch_task_panic(|| body(&payload));
+        let borrowed: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let outcome = catch_task_panic(|| body(&borrowed));
         if sender.send(outcome).is_err() {
             ABANDONED.fetch_sub(1, Ordering::SeqCst);
         }
@@ -215,13 +243,13 @@ fn attempt_sync(
 }
 
 async fn attempt_async(
-    body: fn(Vec<u8>) -> crate::registry::BodyFuture,
-    payload: Vec<u8>,
+    body: fn(Vec<Vec<u8>>) -> crate::registry::BodyFuture,
+    args: Vec<Vec<u8>>,
     timeout: Option<Duration>,
     span: Span,
 ) -> Result<Vec<u8>, TaskFailure> {
     let job = async move {
-        let run = PanicAware(body(payload)).instrument(span);
+        let run = PanicAware(body(args)).instrument(span);
         match timeout {
             None => run.await,
             Some(limit) => tokio::time::timeout(limit, run)

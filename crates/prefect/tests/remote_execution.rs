@@ -1,6 +1,7 @@
 //! The runner contract: a task runs in another process from nothing but its registered key,
 //! its fingerprint and its serialized arguments, as the Ray runner's executors run it.
 
+use std::borrow::Cow;
 use std::process::Command;
 
 use prefect::args::{Arg, assemble};
@@ -25,11 +26,12 @@ fn unhex(text: &str) -> Vec<u8> {
 #[ignore = "run by a_task_runs_in_another_process_from_its_key_and_bytes"]
 fn child_executes_a_task_by_key() {
     let key = std::env::var("TASK_KEY").unwrap();
-    let payload = unhex(&std::env::var("TASK_PAYLOAD").unwrap());
+    let args: Vec<Cow<[u8]>> =
+        std::env::var("TASK_ARGS").unwrap().split(',').map(|arg| Cow::Owned(unhex(arg))).collect();
     let task = registry::lookup(&key).expect("the task is registered in this binary");
     assert_eq!(task.fingerprint, std::env::var("TASK_FINGERPRINT").unwrap());
     let execution =
-        prefect::task_engine::execute(task, payload, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+        prefect::task_engine::execute(task, &args, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
     assert!(execution.state.is_completed(), "{}", execution.state);
     println!("RESULT={}", hex(&execution.result.unwrap()));
 }
@@ -40,12 +42,13 @@ fn a_task_runs_in_another_process_from_its_key_and_bytes() {
     let values = rmp_serde::to_vec(&vec![1u32, 2, 3]).unwrap();
     let factor = rmp_serde::to_vec(&10u32).unwrap();
     // The first argument comes from an "upstream" result, as a runner fills it in.
-    let payload = assemble(&[Arg::Upstream(0), Arg::Value(factor)], &[&values]);
+    let args = [Arg::Upstream(0), Arg::Value(factor)];
+    let args = assemble(&args, &[&values]);
     let output = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_executes_a_task_by_key", "--ignored", "--nocapture"])
         .env("TASK_KEY", definition.key)
         .env("TASK_FINGERPRINT", definition.fingerprint)
-        .env("TASK_PAYLOAD", hex(&payload))
+        .env("TASK_ARGS", args.iter().map(|arg| hex(arg)).collect::<Vec<_>>().join(","))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -58,11 +61,12 @@ fn a_task_runs_in_another_process_from_its_key_and_bytes() {
 #[test]
 fn undecodable_arguments_name_the_task_and_parameter() {
     let definition = scale.task().definition();
-    let payload = assemble(&[Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])], &[]);
+    let args = [Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])];
+    let args = assemble(&args, &[]);
     let mut states = Vec::new();
     let execution = prefect::task_engine::execute(
         definition,
-        payload,
+        &args,
         &TaskOptions::default().retries(3),
         &tracing::Span::none(),
         &mut |s| states.push(s.name),

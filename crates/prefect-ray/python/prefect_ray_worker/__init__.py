@@ -7,12 +7,66 @@ Data frames travel over a pair of pipes, never over stdout, so nothing a task pr
 corrupt them.
 """
 
+import fcntl
+import mmap
 import os
+import pickle
 import struct
 import subprocess
-import sys
+import tempfile
+
+F_SETPIPE_SZ = 1031
+# Values larger than this come back as the bytearray they were read into: Ray stores a
+# bytearray out of band, without first copying it into Python bytes.
+LARGE = 1 << 16
 
 _executors = {}
+
+# The first byte of a blob kept in a shared-memory file; the rest is the file's path.
+IN_FILE = 2
+_SHARED = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class Blob:
+    """A large value, kept in shared memory. Ray stores its bytes out of band (one copy into
+    the object store) and gives the task that needs it a view of the store's memory (no
+    copy), which goes to that task's executor through a shared-memory file again."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view):
+        self.view = view
+
+    def __reduce_ex__(self, protocol):
+        return (Blob, (pickle.PickleBuffer(self.view),))
+
+    def __bytes__(self):
+        return bytes(self.view)
+
+
+def _from_executor(part):
+    """A value part from the executor: the bytes, or a Blob mapped from the file it names."""
+    if part[:1] != bytes([IN_FILE]):
+        return part
+    path = bytes(part[1:]).decode()
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    os.unlink(path)
+    return Blob(memoryview(mapped))
+
+
+def _to_executor(dependency):
+    """A dependency for the executor: small ones as they are, Blobs through a file."""
+    if not isinstance(dependency, Blob):
+        return dependency
+    descriptor, path = tempfile.mkstemp(prefix="prefect-ray-", dir=_SHARED)
+    try:
+        view = memoryview(dependency.view).cast("B")
+        while view:
+            view = view[os.write(descriptor, view):]
+    finally:
+        os.close(descriptor)
+    return bytes([IN_FILE]) + path.encode()
 
 
 class ExecutorCrashed(Exception):
@@ -23,6 +77,11 @@ class _Executor:
     def __init__(self, path):
         command_read, command_write = os.pipe()
         reply_read, reply_write = os.pipe()
+        for pipe in (command_write, reply_write):
+            try:
+                fcntl.fcntl(pipe, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
         env = dict(os.environ)
         env["PREFECT_RAY_EXECUTOR"] = f"{command_read},{reply_write}"
         self.path = path
@@ -36,20 +95,33 @@ class _Executor:
         os.close(command_read)
         os.close(reply_write)
         self.commands = os.fdopen(command_write, "wb", buffering=0)
+        self.commands_fd = command_write
         self.replies = os.fdopen(reply_read, "rb", buffering=1 << 16)
 
     def call(self, parts):
-        header = [struct.pack("<I", len(parts))]
-        for part in parts:
-            header.append(struct.pack("<Q", len(part)))
-        self.commands.write(b"".join(header))
-        for part in parts:
-            self.commands.write(part)
+        sizes = [memoryview(part).nbytes for part in parts]
+        header = struct.pack(f"<I{len(parts)}Q", len(parts), *sizes)
+        if sum(sizes) < LARGE:
+            self._write(b"".join([header, *parts]))
+        else:
+            self._write(header)
+            for part in parts:
+                self._write(part)
         (count,) = struct.unpack("<I", self._read(4))
-        lengths = [struct.unpack("<Q", self._read(8))[0] for _ in range(count)]
+        lengths = struct.unpack(f"<{count}Q", self._read(8 * count))
         return [self._read(length) for length in lengths]
 
+    def _write(self, data):
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.commands_fd, view):]
+
     def _read(self, length):
+        if length <= LARGE:
+            data = self.replies.read(length)
+            if len(data) < length:
+                raise EOFError("the executor closed its reply pipe")
+            return data
         buffer = bytearray(length)
         view = memoryview(buffer)
         filled = 0
@@ -58,7 +130,7 @@ class _Executor:
             if not read:
                 raise EOFError("the executor closed its reply pipe")
             filled += read
-        return bytes(buffer)
+        return buffer
 
     def close(self, kill=False):
         for stream in (self.commands, self.replies):
@@ -96,36 +168,36 @@ def executor_path(spec):
 
 
 def run_task(executor, header, *dependencies):
-    """The body of every Ray task of prefect-ray for Rust; returns (status, value)."""
-    path = executor_path(executor)
-    current = _executors.get(path)
-    if current is None or current.process.poll() is not None:
-        current = _executors[path] = _Executor(path)
+    """The body of every Ray task of prefect-ray for Rust; returns (report, value)."""
+    current = _executors.get(executor)
+    if current is None:
+        current = _executors[executor] = _Executor(executor_path(executor))
     try:
-        status, value, control = current.call([header, *dependencies])
+        report, value, control = current.call([header, *map(_to_executor, dependencies)])
     except (OSError, EOFError, struct.error) as error:
-        _executors.pop(path, None)
+        _executors.pop(executor, None)
         code = current.close(kill=True)
         raise ExecutorCrashed(
-            f"the task's executor process ({os.path.basename(path)}, pid {current.process.pid}) died "
+            f"the task's executor process ({os.path.basename(current.path)}, pid {current.process.pid}) died "
             f"while running it: {_describe_exit(code)} ({error.__class__.__name__})"
         ) from None
     except BaseException:
         # Cancelled (KeyboardInterrupt from ray.cancel) or stopped: the run must stop too.
-        _executors.pop(path, None)
+        _executors.pop(executor, None)
         current.close(kill=True)
         raise
     if control == b"exit":
         # A timed-out attempt is still running in the executor: end it with its process.
-        _executors.pop(path, None)
+        _executors.pop(executor, None)
         current.close(kill=True)
-    return status, value
+    return report, _from_executor(value)
 
 
-def named(name):
-    """`run_task` under the task's name, so Ray shows and logs it by that name."""
+def named(name, executor):
+    """`run_task` for one task: named after it, so Ray shows and logs it by that name, and
+    bound to the executor that runs it, so calls carry only the run's header and inputs."""
 
-    def task(executor, header, *dependencies):
+    def task(header, *dependencies):
         return run_task(executor, header, *dependencies)
 
     task.__name__ = name
