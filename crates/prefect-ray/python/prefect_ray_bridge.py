@@ -50,9 +50,12 @@ class Writer:
 
 
 def read_exactly(stream, length):
-    data = stream.read(length)
-    if data is None or len(data) < length:
-        return None
+    data = b""
+    while len(data) < length:
+        chunk = stream.read(length - len(data))
+        if not chunk:
+            return None
+        data += chunk
     return data
 
 
@@ -312,11 +315,12 @@ def classify(error):
 
 
 def main():
-    commands = os.fdopen(0, "rb", buffering=1 << 16)
+    # Unbuffered, so reading returns what has arrived: the commands after the first (the
+    # configuration, a length-prefixed frame) are a plain stream of MessagePack values.
+    commands = os.fdopen(0, "rb", buffering=0)
     replies = os.dup(1)
     os.dup2(2, 1)
     writer = Writer(replies)
-    stop = threading.Event()
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
@@ -356,9 +360,8 @@ def main():
             "cancel": bridge.cancel,
             "stats": bridge.stats,
         }
-        while not stop.is_set():
-            message = read_frame(commands)
-            if message is None or message == "shutdown":
+        for message in msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1):
+            if message == "shutdown":
                 break
             ((name, arguments),) = message.items()
             handler = handlers.get(name)

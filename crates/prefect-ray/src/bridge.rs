@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::envelope;
 use crate::error::RayError;
 use crate::frame::{read_message, write_message};
+use crate::outbox::Outbox;
 use crate::python;
 
 const BRIDGE_SOURCE: &str = include_str!("../python/prefect_ray_bridge.py");
@@ -144,7 +145,7 @@ impl Bridge {
 /// The state of one bridge process, shared by its runners, its reader thread and the
 /// handles of the values it holds.
 pub struct Shared {
-    commands: Mutex<Option<BufWriter<ChildStdin>>>,
+    commands: Outbox,
     child: Mutex<Child>,
     dispatch: Mutex<Dispatch>,
     room: Condvar,
@@ -313,11 +314,7 @@ impl Shared {
         init.insert("worker_package".into(), Value::String(package.to_string_lossy().into_owned()));
         init.insert("own_dir".into(), Value::String(temp_dir.path().to_string_lossy().into_owned()));
         init.insert("executor".into(), Value::String(executor));
-        let sent = rmp_serde::to_vec_named(&init).map_err(std::io::Error::other).and_then(|body| {
-            commands.write_all(&(body.len() as u32).to_le_bytes())?;
-            commands.write_all(&body)?;
-            commands.flush()
-        });
+        let sent = write_message(&mut commands, &init).and_then(|()| commands.flush());
 
         let (ready_sender, ready_receiver) = mpsc::channel();
         let mut replies = BufReader::with_capacity(1 << 16, replies);
@@ -363,7 +360,8 @@ impl Shared {
         let replies = handshake.join().expect("the handshake thread does not panic");
 
         let shared = Arc::new(Shared {
-            commands: Mutex::new(Some(commands)),
+            commands: Outbox::new(commands.into_inner().map_err(|e| RayError::Setup(e.to_string()))?)
+                .map_err(|e| RayError::Setup(format!("could not start a thread: {e}")))?,
             child: Mutex::new(child),
             dispatch: Mutex::new(Dispatch::default()),
             room: Condvar::new(),
@@ -391,19 +389,17 @@ impl Shared {
     }
 
     fn send(&self, command: &Command_) -> Result<(), String> {
-        let mut commands = lock(&self.commands);
-        let Some(writer) = commands.as_mut() else {
-            return Err("the Ray bridge has shut down".to_owned());
-        };
         let releases = std::mem::take(&mut *lock(&self.releases));
-        let written = (|| {
-            if !releases.is_empty() {
-                write_message(writer, &Command_::Release { keys: releases })?;
-            }
-            write_message(writer, command)?;
-            writer.flush()
-        })();
-        written.map_err(|e| format!("could not reach the Ray bridge: {e}{}", self.last_words()))
+        self.commands
+            .send(|frames| {
+                // After the configuration, commands go as a plain stream of MessagePack values.
+                if !releases.is_empty() {
+                    rmp_serde::encode::write(frames, &Command_::Release { keys: releases })
+                        .map_err(std::io::Error::other)?;
+                }
+                rmp_serde::encode::write(frames, command).map_err(std::io::Error::other)
+            })
+            .map_err(|e| format!("could not reach the Ray bridge: {e}{}", self.last_words()))
     }
 
     fn last_words(&self) -> String {
@@ -543,7 +539,7 @@ impl Shared {
             return false;
         }
         let _ = self.send(&Command_::Shutdown);
-        lock(&self.commands).take();
+        self.commands.close();
         let mut child = lock(&self.child);
         let deadline = Instant::now() + Duration::from_secs(60);
         let exited = loop {

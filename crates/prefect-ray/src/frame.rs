@@ -6,7 +6,8 @@ use std::io::{self, Read, Write};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Writes one MessagePack frame: a little-endian `u32` length, then the message.
+/// Writes one MessagePack frame: a little-endian `u32` length, then the message. (The
+/// bridge's configuration goes this way; its later commands are a plain MessagePack stream.)
 pub fn write_message<T: Serialize + ?Sized>(out: &mut impl Write, message: &T) -> io::Result<()> {
     let body = rmp_serde::to_vec(message).map_err(io::Error::other)?;
     let length = u32::try_from(body.len()).map_err(|_| io::Error::other("a message over 4 GiB"))?;

@@ -7,6 +7,7 @@ mod envelope;
 mod error;
 mod executor;
 mod frame;
+mod outbox;
 mod python;
 mod remote;
 mod report;
