@@ -2,7 +2,8 @@
 //! release mode) beside the same cases on raw Ray and on prefect-ray, and compares them.
 //!
 //! `bench <case> [args]` runs one case and prints one JSON object on stdout:
-//! - `noop <n> ray|threads`: n no-op tasks submitted and their results gathered;
+//! - `noop <n> ray|submit|threads`: n no-op tasks and their results gathered: a map on
+//!   Ray (batched), one `submit` per run on Ray, or a map on the thread pool;
 //! - `tree <leaves>`: a binary-tree reduction, futures passed as arguments;
 //! - `montecarlo <tasks> <samples>`: a Monte Carlo estimate of pi, split over tasks, and the
 //!   same samples on one thread;
@@ -84,6 +85,16 @@ fn noop_on_ray(n: u64) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// One `submit` per run: each run is a Ray task of its own (no batching).
+#[flow(task_runner = ray())]
+fn noop_submitted_on_ray(n: u64) -> f64 {
+    warm_up();
+    let started = Instant::now();
+    let futures: Vec<_> = (0..n).map(|index| noop.submit(index)).collect();
+    futures.iter().for_each(|f| f.result().unwrap());
+    started.elapsed().as_secs_f64()
+}
+
 #[flow(task_runner = ThreadPoolTaskRunner::new())]
 fn noop_on_threads(n: u64) -> f64 {
     warm_up();
@@ -161,6 +172,7 @@ fn main() {
             let n = arg(&args, 1, 2000);
             let seconds = match args.get(2).map(String::as_str) {
                 Some("threads") => noop_on_threads(n),
+                Some("submit") => noop_submitted_on_ray(n),
                 _ => noop_on_ray(n),
             }
             .expect("the flow completes");

@@ -26,7 +26,7 @@ const QUICK: Sizes = Sizes {
     noop: 1_000,
     noop_prefect_ray: 50,
     tree_leaves: 1_024,
-    montecarlo: (8, 10_000_000),
+    montecarlo: (8, 40_000_000),
     data_megabytes: 100,
     scale: 10_000,
 };
@@ -36,7 +36,7 @@ const FULL: Sizes = Sizes {
     noop: 2_000,
     noop_prefect_ray: 200,
     tree_leaves: 1_024,
-    montecarlo: (16, 20_000_000),
+    montecarlo: (16, 40_000_000),
     data_megabytes: 100,
     scale: 100_000,
 };
@@ -68,6 +68,7 @@ pub fn bench(root: &Path, quick: bool) -> Result {
         let n = sizes.noop.to_string();
         record(&mut samples, "noop", "ours", systems.ours(&["noop", &n, "ray"], false)?);
         record(&mut samples, "noop", "ray", systems.ray(&["noop", &n])?);
+        record(&mut samples, "noop", "ours_submit", systems.ours(&["noop", &n, "submit"], false)?);
         record(&mut samples, "noop", "ours_reporting", systems.ours(&["noop", &n, "ray"], true)?);
         let small = sizes.noop_prefect_ray.to_string();
         record(&mut samples, "noop", "prefect_ray", systems.prefect(&["noop", &small])?);
@@ -217,7 +218,9 @@ fn summarize(samples: &BTreeMap<&str, Samples>, sizes: &Sizes) -> Value {
             "ray_tasks_per_s": ray,
             "prefect_ray_tasks_per_s": prefect_ray,
             "ours_reporting_to_prefect_tasks_per_s": get("noop", "ours_reporting.tasks_per_s"),
+            "ours_one_submit_per_task_tasks_per_s": get("noop", "ours_submit.tasks_per_s"),
             "ratio_to_ray": ratio(ours, ray),
+            "one_submit_per_task_ratio_to_ray": ratio(get("noop", "ours_submit.tasks_per_s"), ray),
             "ratio_to_prefect_ray": ratio(ours, prefect_ray),
         }),
     );
@@ -305,7 +308,7 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
     ));
     out.push_str("| case | ours | Ray | prefect-ray / Prefect | vs Ray | vs prefect-ray / Prefect |\n|---|---|---|---|---|---|\n");
     out.push_str(&format!(
-        "| no-op tasks per second ({} tasks; prefect-ray: {}) | {} | {} | {} | {} | {} |\n",
+        "| no-op tasks per second, map ({} tasks, batched; prefect-ray: {}) | {} | {} | {} | {} | {} |\n",
         sizes.noop,
         sizes.noop_prefect_ray,
         show(f("noop", "ours_tasks_per_s")),
@@ -315,8 +318,14 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
         times(f("noop", "ratio_to_prefect_ray"))
     ));
     out.push_str(&format!(
-        "| no-op tasks per second, reporting to a Prefect server | {} | | | | |\n",
+        "| no-op tasks per second, map, reporting to a Prefect server | {} | | | | |\n",
         show(f("noop", "ours_reporting_to_prefect_tasks_per_s"))
+    ));
+    out.push_str(&format!(
+        "| no-op tasks per second, one `submit` per task (one Ray task each) | {} | {} | | {} | |\n",
+        show(f("noop", "ours_one_submit_per_task_tasks_per_s")),
+        show(f("noop", "ray_tasks_per_s")),
+        times(f("noop", "one_submit_per_task_ratio_to_ray"))
     ));
     out.push_str(&format!(
         "| no-op tasks per second, thread pools | {} | | {} | | {} |\n",

@@ -78,8 +78,12 @@ class Bridge:
     def __init__(self, writer, config):
         self.writer = writer
         self.config = config
+        # key -> (report ref, value ref, whether the run is one of a batch, whose report
+        # ref holds the reports of the whole batch)
         self.refs = {}
         self.functions = {}
+        self.batch_functions = {}
+        self.ray_tasks = 0
         self.infeasible = {}
         self.nodes = []
         self.nodes_at = 0.0
@@ -116,6 +120,7 @@ class Bridge:
             {
                 "ready": {
                     "nodes": sum(1 for node in self.nodes if node.get("Alive")),
+                    "cpus": sum(node.get("Resources", {}).get("CPU", 0) for node in self.nodes if node.get("Alive")),
                     "dashboard_url": dashboard or "",
                     "ray_version": ray.__version__,
                     "started_local": self.started_local,
@@ -186,7 +191,9 @@ class Bridge:
         # them again on every call. The function's name is the task's.
         try:
             task = prefect_ray_worker.named(task_name, self.config["executor"])
+            batch = prefect_ray_worker.named_batch(task_name, self.config["executor"])
             self.functions[function_id] = self.ray.remote(**options)(task)
+            self.batch_functions[function_id] = self.ray.remote(**options)(batch)
         except Exception as error:
             self.infeasible[function_id] = f"Ray refused the task's options {options_json}: {error}"
 
@@ -197,13 +204,48 @@ class Bridge:
             self.writer.send({"failed": [key, "failed", reason]})
             return
         try:
-            dependencies = [self.refs[k][1] for k in data_keys] + [self.refs[k][0] for k in status_keys]
+            dependencies = self.dependencies(data_keys, status_keys)
             status_ref, value_ref = function.remote(header, *dependencies)
         except Exception as error:
             self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
             return
-        self.refs[key] = (status_ref, value_ref)
+        self.refs[key] = (status_ref, value_ref, False)
+        self.ray_tasks += 1
         status_ref._on_completed(functools.partial(self.on_status, key))
+
+    def dependencies(self, data_keys, status_keys):
+        """The refs a run depends on: the values it takes, then the runs it waits for (their
+        reports; for a run of a batch, its value, whose first byte tells the same)."""
+        waited = [self.refs[k][1] if self.refs[k][2] else self.refs[k][0] for k in status_keys]
+        return [self.refs[k][1] for k in data_keys] + waited
+
+    def submit_batch(self, keys, function_id, headers, dependencies_per_run):
+        function = self.batch_functions.get(function_id)
+        if function is None:
+            reason = self.infeasible.get(function_id, "unknown function")
+            for key in keys:
+                self.writer.send({"failed": [key, "failed", reason]})
+            return
+        try:
+            dependencies = [ref for data, status in dependencies_per_run for ref in self.dependencies(data, status)]
+            refs = function.options(num_returns=1 + len(keys)).remote(headers, *dependencies)
+        except Exception as error:
+            for key in keys:
+                self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
+            return
+        reports = refs[0]
+        self.ray_tasks += 1
+        for key, value_ref in zip(keys, refs[1:]):
+            self.refs[key] = (reports, value_ref, True)
+        reports._on_completed(functools.partial(self.on_batch_status, keys))
+
+    def on_batch_status(self, keys, result):
+        if isinstance(result, BaseException):
+            kind, message = classify(result)
+            for key in keys:
+                self.writer.send({"failed": [key, kind, message]})
+        else:
+            self.writer.send({"batch_done": [keys, as_bytes(result)]})
 
     def on_status(self, key, result):
         if isinstance(result, BaseException):
@@ -244,7 +286,13 @@ class Bridge:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         namespace = self.ray.get_runtime_context().namespace
-        stats = {"peak_rss_bytes": peak, "objects": len(self.refs), "bridge_pid": os.getpid(), "namespace": namespace}
+        stats = {
+            "peak_rss_bytes": peak,
+            "objects": len(self.refs),
+            "bridge_pid": os.getpid(),
+            "namespace": namespace,
+            "ray_tasks": self.ray_tasks,
+        }
         self.writer.send({"stats": [request, stats]})
 
 
@@ -355,6 +403,7 @@ def main():
         handlers = {
             "define": bridge.define,
             "submit": bridge.submit,
+            "submit_batch": bridge.submit_batch,
             "get": bridge.get,
             "release": bridge.release,
             "cancel": bridge.cancel,

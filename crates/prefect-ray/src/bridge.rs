@@ -28,6 +28,9 @@ use crate::frame::{read_message, write_message};
 use crate::outbox::Outbox;
 use crate::python;
 
+/// The first byte of a call of several runs; one run's call starts with 0 (see the executor).
+const MANY_RUNS: u8 = 1;
+
 const BRIDGE_SOURCE: &str = include_str!("../python/prefect_ray_bridge.py");
 const WORKER_SOURCE: &str = include_str!("../python/prefect_ray_worker/__init__.py");
 
@@ -41,12 +44,16 @@ pub struct BridgeConfig {
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     pub auth_token: Option<String>,
+    pub max_batch: usize,
 }
 
 /// What the bridge found when it connected.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ClusterInfo {
     pub nodes: u64,
+    /// The CPUs of the live nodes, together.
+    #[serde(default)]
+    pub cpus: f64,
     pub dashboard_url: String,
     pub ray_version: String,
     pub started_local: bool,
@@ -57,6 +64,7 @@ pub struct ClusterInfo {
 enum Command_<'a> {
     Define(u32, &'a str, &'a str),
     Submit(u64, u32, &'a Bytes, &'a [u64], &'a [u64]),
+    SubmitBatch(Vec<u64>, u32, &'a Bytes, Vec<(&'a [u64], &'a [u64])>),
     Get(u64, u64),
     Release { keys: Vec<u64> },
     Cancel(u64, bool),
@@ -70,6 +78,7 @@ enum Reply {
     Ready(ClusterInfo),
     Fatal(String, String),
     Done(u64, ByteBuf),
+    BatchDone(Vec<u64>, ByteBuf),
     Failed(u64, String, String),
     Value(u64, ByteBuf),
     ValueError(u64, String),
@@ -91,6 +100,8 @@ pub struct BridgeStats {
     pub bridge_pid: u32,
     /// The Ray namespace it joined.
     pub namespace: String,
+    /// How many Ray tasks it has submitted (a batch of a map's runs is one).
+    pub ray_tasks: u64,
 }
 
 /// A runner's hold on the bridge; when the last one is dropped, the bridge shuts down.
@@ -172,6 +183,15 @@ struct Dispatch {
 enum Answer {
     Value(Vec<u8>),
     Stats(BridgeStats),
+}
+
+/// A run ready for Ray: its header (behind the byte that says "one run") and the keys of
+/// the Ray objects it depends on: values it takes, and runs it waits for.
+pub struct Call {
+    pub pending: PendingRun,
+    pub header: Vec<u8>,
+    pub value_keys: Vec<u64>,
+    pub report_keys: Vec<u64>,
 }
 
 /// A run submitted to Ray and not finished yet.
@@ -430,34 +450,75 @@ impl Shared {
 
     /// Submits a run; its dependencies' values and reports are Ray objects of this bridge.
     /// Blocks while `max_in_flight` runs are unfinished.
-    pub fn submit(
-        self: &Arc<Self>,
-        pending: PendingRun,
-        function: u32,
-        header: &[u8],
-        value_keys: &[u64],
-        report_keys: &[u64],
-    ) {
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let run = pending.run.clone();
-        {
-            let mut dispatch = lock(&self.dispatch);
-            while dispatch.runs.len() >= self.max_in_flight && self.alive.load(Ordering::Acquire) {
-                dispatch = self.room.wait(dispatch).unwrap_or_else(|p| p.into_inner());
-            }
-            if !self.alive.load(Ordering::Acquire) {
-                drop(dispatch);
-                run.finish(State::crashed("the Ray session ended before the run was submitted"), None);
-                return;
-            }
-            dispatch.runs.insert(key, pending);
+    pub fn submit(self: &Arc<Self>, function: u32, call: Call) {
+        let Call { pending, header, value_keys, report_keys } = call;
+        let Some(key) = self.admit(vec![pending]).pop() else { return };
+        let submitted = self.send(&Command_::Submit(key, function, Bytes::new(&header), &value_keys, &report_keys));
+        if let Err(message) = submitted {
+            self.fail_submitted(&[key], &message);
         }
-        run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
-        let submitted = self.send(&Command_::Submit(key, function, Bytes::new(header), value_keys, report_keys));
-        if let Err(message) = submitted
-            && let Some(pending) = self.take_run(key)
+    }
+
+    /// Submits the runs of `calls` as one Ray task, which runs them one after the other.
+    pub fn submit_batch(self: &Arc<Self>, function: u32, calls: Vec<Call>) {
+        let mut headers = Vec::with_capacity(calls.len());
+        let mut dependencies = Vec::with_capacity(calls.len());
+        let mut pendings = Vec::with_capacity(calls.len());
+        for Call { pending, header, value_keys, report_keys } in calls {
+            headers.push(ByteBuf::from(header[1..].to_vec()));
+            dependencies.push((value_keys, report_keys));
+            pendings.push(pending);
+        }
+        let mut batch = vec![MANY_RUNS];
+        if let Err(error) = rmp_serde::encode::write(&mut batch, &headers) {
+            pendings
+                .into_iter()
+                .for_each(|p| p.run.finish(State::crashed(format!("could not encode the calls: {error}")), None));
+            return;
+        }
+        let keys = self.admit(pendings);
+        if keys.is_empty() {
+            return;
+        }
+        let dependencies =
+            dependencies.iter().map(|(values, reports)| (values.as_slice(), reports.as_slice())).collect();
+        if let Err(message) =
+            self.send(&Command_::SubmitBatch(keys.clone(), function, Bytes::new(&batch), dependencies))
         {
-            pending.run.finish(State::crashed(message), None);
+            self.fail_submitted(&keys, &message);
+        }
+    }
+
+    /// Registers runs as submitted, once `max_in_flight` leaves room; returns their keys
+    /// (none if the session has ended: then the runs end `Crashed`).
+    fn admit(self: &Arc<Self>, pendings: Vec<PendingRun>) -> Vec<u64> {
+        let mut dispatch = lock(&self.dispatch);
+        while dispatch.runs.len() >= self.max_in_flight && self.alive.load(Ordering::Acquire) {
+            dispatch = self.room.wait(dispatch).unwrap_or_else(|p| p.into_inner());
+        }
+        if !self.alive.load(Ordering::Acquire) {
+            drop(dispatch);
+            for pending in pendings {
+                pending.run.finish(State::crashed("the Ray session ended before the run was submitted"), None);
+            }
+            return Vec::new();
+        }
+        pendings
+            .into_iter()
+            .map(|pending| {
+                let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+                pending.run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
+                dispatch.runs.insert(key, pending);
+                key
+            })
+            .collect()
+    }
+
+    fn fail_submitted(&self, keys: &[u64], message: &str) {
+        for key in keys {
+            if let Some(pending) = self.take_run(*key) {
+                pending.run.finish(State::crashed(message), None);
+            }
         }
     }
 
@@ -580,12 +641,13 @@ impl Shared {
 
     fn on_reply(&self, reply: Reply) {
         match reply {
-            Reply::Done(key, report) => {
-                if let Some(pending) = self.take_run(key) {
-                    let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
-                    crate::report::apply(&pending, &report, value);
+            Reply::Done(key, report) => self.done(key, &report),
+            Reply::BatchDone(keys, reports) => match rmp_serde::from_slice::<Vec<ByteBuf>>(&reports) {
+                Ok(reports) if reports.len() == keys.len() => {
+                    keys.iter().zip(&reports).for_each(|(key, report)| self.done(*key, report));
                 }
-            }
+                _ => self.fail_submitted(&keys, "the executor sent reports this driver cannot read"),
+            },
             Reply::Failed(key, kind, message) => {
                 if let Some(pending) = self.take_run(key) {
                     crate::report::fail(pending, kind, message);
@@ -595,6 +657,13 @@ impl Shared {
             Reply::ValueError(request, message) => self.answer(request, Err(message)),
             Reply::Stats(request, stats) => self.answer(request, Ok(Answer::Stats(stats))),
             Reply::Ready(_) | Reply::Fatal(..) | Reply::Bye => {}
+        }
+    }
+
+    fn done(&self, key: u64, report: &[u8]) {
+        if let Some(pending) = self.take_run(key) {
+            let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
+            crate::report::apply(&pending, report, value);
         }
     }
 

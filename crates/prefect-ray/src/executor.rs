@@ -61,28 +61,10 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
                 std::process::exit(1);
             }
         };
-        let (report, value) = run(parts, &output);
+        let (batch, outcomes) = run_call(parts, &output);
         let restart = task_engine::abandoned_attempts_running();
         let control: &[u8] = if restart { b"exit" } else { b"" };
-        let value: [&[u8]; 2] = [&[value.0], &value.1];
-        let report = envelope::encode_report(&report, &value);
-        let in_file = match value[1].len() > envelope::FILE_LIMIT {
-            true => match write_shared(&value) {
-                Ok(reference) => Some(reference),
-                Err(error) => {
-                    eprintln!(
-                        "prefect-ray executor: could not use shared memory ({error}); sending the value through the pipe"
-                    );
-                    None
-                }
-            },
-            false => None,
-        };
-        let value: &[&[u8]] = match &in_file {
-            Some(reference) => &[reference],
-            None => &value,
-        };
-        if let Err(error) = write_parts(&mut replies, &[&[&report], value, &[control]]) {
+        if let Err(error) = reply(&mut replies, batch, &outcomes, control) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
             std::process::exit(1);
         }
@@ -139,12 +121,87 @@ fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
     Ok(reference)
 }
 
-/// Runs one task run; returns its report, and its value as the completion byte and the
-/// MessagePack value (or, for a run that did not complete, the text of its final state).
-fn run(parts: Vec<Vec<u8>>, output: &Output) -> (RunReport, (u8, Vec<u8>)) {
+/// The first byte of a call: one run, whose header follows.
+const ONE_RUN: u8 = 0;
+/// The first byte of a call: several runs (the runs of a map), whose headers follow as a
+/// MessagePack array of byte strings; their dependencies follow run after run.
+const MANY_RUNS: u8 = 1;
+
+/// A run's report, and its value as the completion byte and the MessagePack value (or, for
+/// a run that did not complete, the text of its final state).
+type Outcome = (RunReport, (u8, Vec<u8>));
+
+/// Runs the runs of one call, one after the other; returns whether it was a call of many.
+fn run_call(mut parts: Vec<Vec<u8>>, output: &Output) -> (bool, Vec<Outcome>) {
+    let crashed = |message: String| {
+        (
+            RunReport { states: vec![State::crashed(message)], ..Default::default() },
+            (envelope::NOT_COMPLETED, Vec::new()),
+        )
+    };
+    if parts.is_empty() {
+        return (false, vec![crashed("the worker sent an empty call".into())]);
+    }
+    let call = parts.remove(0);
+    let dependencies = match parts.into_iter().map(Blob::open).collect::<std::io::Result<Vec<_>>>() {
+        Ok(dependencies) => dependencies,
+        Err(error) => {
+            return (false, vec![crashed(format!("could not read an upstream value from shared memory: {error}"))]);
+        }
+    };
+    let mut dependencies = dependencies.iter();
+    match call.split_first() {
+        Some((&ONE_RUN, header)) => (false, vec![run(header, &mut dependencies, output)]),
+        Some((&MANY_RUNS, headers)) => match rmp_serde::from_slice::<Vec<serde_bytes::ByteBuf>>(headers) {
+            Ok(headers) => (true, headers.iter().map(|header| run(header, &mut dependencies, output)).collect()),
+            Err(error) => (true, vec![crashed(format!("the worker sent calls this executor cannot read: {error}"))]),
+        },
+        _ => (false, vec![crashed("the worker sent a call of an unknown kind".into())]),
+    }
+}
+
+/// Writes the reply to a call: the report (for many runs, an array of reports), each run's
+/// value (a large one through a shared-memory file), and the control word.
+fn reply(out: &mut impl Write, batch: bool, outcomes: &[Outcome], control: &[u8]) -> std::io::Result<()> {
+    let reports: Vec<Vec<u8>> =
+        outcomes.iter().map(|(report, (tag, body))| envelope::encode_report(report, &[&[*tag], body])).collect();
+    let head = if batch {
+        let blobs: Vec<serde_bytes::ByteBuf> = reports.into_iter().map(serde_bytes::ByteBuf::from).collect();
+        rmp_serde::to_vec(&blobs).map_err(std::io::Error::other)?
+    } else {
+        reports.into_iter().next().unwrap_or_default()
+    };
+    let tags: Vec<[u8; 1]> = outcomes.iter().map(|(_, (tag, _))| [*tag]).collect();
+    let files: Vec<Option<Vec<u8>>> = outcomes.iter().map(|(_, (tag, body))| in_shared_file(*tag, body)).collect();
+    let mut parts: Vec<Vec<&[u8]>> = vec![vec![head.as_slice()]];
+    for (((_, (_, body)), tag), file) in outcomes.iter().zip(&tags).zip(&files) {
+        parts.push(match file {
+            Some(reference) => vec![reference.as_slice()],
+            None => vec![tag.as_slice(), body.as_slice()],
+        });
+    }
+    parts.push(vec![control]);
+    let parts: Vec<&[&[u8]]> = parts.iter().map(Vec::as_slice).collect();
+    write_parts(out, &parts)
+}
+
+/// A large value goes through a shared-memory file: returns the part that names it.
+fn in_shared_file(tag: u8, body: &[u8]) -> Option<Vec<u8>> {
+    if body.len() <= envelope::FILE_LIMIT {
+        return None;
+    }
+    write_shared(&[&[tag], body])
+        .inspect_err(|error| {
+            eprintln!("prefect-ray executor: could not use shared memory ({error}); sending the value through the pipe")
+        })
+        .ok()
+}
+
+/// Runs one task run, taking its dependencies from `dependencies`.
+fn run<'a>(header: &[u8], dependencies: &mut impl Iterator<Item = &'a Blob>, output: &Output) -> Outcome {
     output.begin();
     let mut states = Vec::new();
-    let value = execute(parts, &mut states);
+    let value = execute(header, dependencies, &mut states);
     let (lines, dropped_lines) = output.end();
     let report = RunReport { states, output: lines, dropped_lines, pid: std::process::id() };
     let value = match (value, report.states.last()) {
@@ -156,27 +213,21 @@ fn run(parts: Vec<Vec<u8>>, output: &Output) -> (RunReport, (u8, Vec<u8>)) {
     (report, value)
 }
 
-fn execute(mut parts: Vec<Vec<u8>>, states: &mut Vec<State>) -> Option<Vec<u8>> {
-    if parts.is_empty() {
-        states.push(State::crashed("the worker sent an empty call"));
-        return None;
-    }
-    let header = parts.remove(0);
-    let dependencies = match parts.into_iter().map(Blob::open).collect::<std::io::Result<Vec<_>>>() {
-        Ok(dependencies) => dependencies,
-        Err(error) => {
-            states.push(State::crashed(format!("could not read an upstream value from shared memory: {error}")));
-            return None;
-        }
-    };
-    let header: CallHeader = match rmp_serde::from_slice(&header) {
+fn execute<'a>(
+    header: &[u8],
+    dependencies: &mut impl Iterator<Item = &'a Blob>,
+    states: &mut Vec<State>,
+) -> Option<Vec<u8>> {
+    let header: CallHeader = match rmp_serde::from_slice(header) {
         Ok(header) => header,
         Err(error) => {
             states.push(State::crashed(format!("the worker sent a call this executor cannot read: {error}")));
             return None;
         }
     };
-    let (values, reports) = dependencies.split_at(header.upstreams.len().min(dependencies.len()));
+    // Take this run's dependencies whatever happens, so the next run of a batch gets its own.
+    let values: Vec<&Blob> = dependencies.by_ref().take(header.upstreams.len()).collect();
+    let reports: Vec<&Blob> = dependencies.by_ref().take(header.wait_for.len()).collect();
     let mut upstream_values = Vec::with_capacity(values.len());
     for (name, blob) in header.upstreams.iter().zip(values) {
         match envelope::decode_value(blob) {
@@ -189,9 +240,11 @@ fn execute(mut parts: Vec<Vec<u8>>, states: &mut Vec<State>) -> Option<Vec<u8>> 
     }
     for (name, blob) in header.wait_for.iter().zip(reports) {
         if blob.first() != Some(&envelope::COMPLETED) {
+            // A report, or (for a run of a batch) a value blob: either tells the state.
             let state = envelope::decode_report(blob)
                 .ok()
                 .and_then(|(report, _)| report.states.last().map(State::to_string))
+                .or_else(|| envelope::decode_value(blob).err())
                 .unwrap_or_else(|| "an unknown state".into());
             states.push(not_ready_from(name, &state));
             return None;

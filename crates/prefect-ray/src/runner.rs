@@ -12,7 +12,7 @@ use prefect::task_run::TaskRunHandle;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::bridge::{Bridge, BridgeConfig, PendingRun, RayObject};
+use crate::bridge::{Bridge, BridgeConfig, Call, PendingRun, RayObject, Shared};
 use crate::envelope::CallHeader;
 
 /// Runs task runs as Ray tasks: on a temporary local Ray instance by default, or on an
@@ -67,6 +67,7 @@ impl RayTaskRunner {
                 python: None,
                 ship_executor: true,
                 max_in_flight: 10_000,
+                max_batch: 64,
                 connect_timeout: Duration::from_secs(120),
                 auth_token: None,
             },
@@ -125,6 +126,13 @@ impl RayTaskRunner {
         self
     }
 
+    /// At most this many runs of a map in one Ray task (64 by default; 1 turns batching off).
+    /// Runs of a map are batched only when there are many more of them than CPUs.
+    pub fn max_batch(mut self, runs: usize) -> Self {
+        self.config.max_batch = runs.max(1);
+        self
+    }
+
     /// How long to wait for Ray to start or accept the connection (120 s by default).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
@@ -175,73 +183,46 @@ impl TaskRunner for RayTaskRunner {
             spec.run.finish(State::crashed("the RayTaskRunner was not started"), None);
             return;
         };
-        let shared = bridge.shared();
-        let task = spec.run.task();
+        if let Some((function, call)) = prepare(bridge.shared(), spec) {
+            bridge.shared().submit(function, call);
+        }
+    }
 
-        // Values of runs of this Ray session travel as object references; others (from
-        // another runner) are fetched here and sent as values.
-        let mut value_keys = Vec::new();
-        let mut upstream_names = Vec::new();
-        let mut replacements = Vec::with_capacity(spec.upstreams.len());
-        for upstream in &spec.upstreams {
-            match upstream.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
-                Some(object) => {
-                    replacements.push(Arg::Upstream(value_keys.len()));
-                    value_keys.push(object.key);
-                    upstream_names.push(upstream.name().to_owned());
-                }
-                None => match upstream.result_bytes() {
-                    Ok(bytes) => replacements.push(Arg::Value(bytes.to_vec())),
-                    Err(_) => {
-                        spec.run.finish(not_ready(upstream.name(), &upstream.state()), None);
-                        return;
-                    }
-                },
+    /// The runs of a map: when there are many more than the cluster has CPUs, several go in
+    /// one Ray task (each still its own task run, with its own states and value), so tiny
+    /// tasks do not pay Ray's cost per task each. Enough batches are left for every CPU to
+    /// get several, so the work still spreads.
+    fn submit_many(&self, specs: Vec<TaskRunSpec>) {
+        let Some(bridge) = self.bridge() else {
+            specs
+                .into_iter()
+                .for_each(|spec| spec.run.finish(State::crashed("the RayTaskRunner was not started"), None));
+            return;
+        };
+        let shared = bridge.shared();
+        let cpus = shared.info.cpus.max(1.0);
+        let size = ((specs.len() as f64 / (8.0 * cpus)) as usize).clamp(1, self.config.max_batch.max(1));
+        let mut batch: Vec<Call> = Vec::with_capacity(size);
+        let mut batch_function = None;
+        for spec in specs {
+            let Some((function, call)) = prepare(shared, spec) else { continue };
+            if size == 1 {
+                shared.submit(function, call);
+                continue;
+            }
+            if batch_function.is_some_and(|f| f != function) {
+                shared.submit_batch(batch_function.take().expect("checked"), std::mem::take(&mut batch));
+            }
+            batch_function = Some(function);
+            batch.push(call);
+            if batch.len() == size {
+                shared.submit_batch(function, std::mem::take(&mut batch));
+                batch_function = None;
             }
         }
-        let mut report_keys = Vec::new();
-        let mut wait_names = Vec::new();
-        for waited in &spec.wait_for {
-            match waited.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
-                Some(object) => {
-                    report_keys.push(object.key);
-                    wait_names.push(waited.name().to_owned());
-                }
-                None => {
-                    waited.wait(None);
-                    if !waited.state().is_completed() {
-                        spec.run.finish(not_ready(waited.name(), &waited.state()), None);
-                        return;
-                    }
-                }
-            }
+        if let Some(function) = batch_function {
+            shared.submit_batch(function, batch);
         }
-        let header = CallHeader {
-            task_key: task.key.to_owned(),
-            fingerprint: task.fingerprint.to_owned(),
-            run_id: spec.run.id(),
-            run_name: spec.run.name().to_owned(),
-            args: spec.args.into_iter().map(|arg| replace_upstreams(arg, &replacements)).collect(),
-            options: spec.options.clone(),
-            upstreams: upstream_names,
-            wait_for: wait_names,
-        };
-        let header = match rmp_serde::to_vec_named(&header) {
-            Ok(header) => header,
-            Err(error) => {
-                spec.run.finish(State::crashed(format!("could not encode the call: {error}")), None);
-                return;
-            }
-        };
-        let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
-            Ok(function) => function,
-            Err(message) => {
-                spec.run.finish(State::crashed(message), None);
-                return;
-            }
-        };
-        let dependencies: Vec<TaskRunHandle> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
-        shared.submit(PendingRun { run: spec.run, dependencies }, function, &header, &value_keys, &report_keys);
     }
 
     fn stop(&self) {
@@ -253,6 +234,77 @@ impl TaskRunner for RayTaskRunner {
             bridge.shared().cancel_all();
         }
     }
+}
+
+/// Readies a run for Ray: its dependencies as Ray objects where they are (others are
+/// fetched here and sent as values), its header, and its remote function. A run that cannot
+/// go ends here, with the reason.
+fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
+    let task = spec.run.task();
+    let mut value_keys = Vec::new();
+    let mut upstream_names = Vec::new();
+    let mut replacements = Vec::with_capacity(spec.upstreams.len());
+    for upstream in &spec.upstreams {
+        match upstream.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
+            Some(object) => {
+                replacements.push(Arg::Upstream(value_keys.len()));
+                value_keys.push(object.key);
+                upstream_names.push(upstream.name().to_owned());
+            }
+            None => match upstream.result_bytes() {
+                Ok(bytes) => replacements.push(Arg::Value(bytes.to_vec())),
+                Err(_) => {
+                    spec.run.finish(not_ready(upstream.name(), &upstream.state()), None);
+                    return None;
+                }
+            },
+        }
+    }
+    let mut report_keys = Vec::new();
+    let mut wait_names = Vec::new();
+    for waited in &spec.wait_for {
+        match waited.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
+            Some(object) => {
+                report_keys.push(object.key);
+                wait_names.push(waited.name().to_owned());
+            }
+            None => {
+                waited.wait(None);
+                if !waited.state().is_completed() {
+                    spec.run.finish(not_ready(waited.name(), &waited.state()), None);
+                    return None;
+                }
+            }
+        }
+    }
+    let header = CallHeader {
+        task_key: task.key.to_owned(),
+        fingerprint: task.fingerprint.to_owned(),
+        run_id: spec.run.id(),
+        run_name: spec.run.name().to_owned(),
+        args: spec.args.into_iter().map(|arg| replace_upstreams(arg, &replacements)).collect(),
+        options: spec.options.clone(),
+        upstreams: upstream_names,
+        wait_for: wait_names,
+    };
+    // The first byte says "one run" (see the executor).
+    let mut encoded = vec![0u8];
+    let header = match rmp_serde::encode::write_named(&mut encoded, &header).map(|()| encoded) {
+        Ok(header) => header,
+        Err(error) => {
+            spec.run.finish(State::crashed(format!("could not encode the call: {error}")), None);
+            return None;
+        }
+    };
+    let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
+        Ok(function) => function,
+        Err(message) => {
+            spec.run.finish(State::crashed(message), None);
+            return None;
+        }
+    };
+    let dependencies: Vec<TaskRunHandle> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
+    Some((function, Call { pending: PendingRun { run: spec.run, dependencies }, header, value_keys, report_keys }))
 }
 
 fn replace_upstreams(arg: Arg, replacements: &[Arg]) -> Arg {

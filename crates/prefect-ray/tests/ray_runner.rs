@@ -404,3 +404,63 @@ fn address_auto_finds_the_cluster_in_ray_address() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("RESULT=42"), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[task]
+fn square_unless_unlucky(number: u32) -> Result<u32, String> {
+    match number {
+        13 => Err("unlucky 13".to_owned()),
+        27 => panic!("27 is right out"),
+        number => Ok(number * number),
+    }
+}
+
+#[task]
+fn add_up(values: Vec<u32>) -> u32 {
+    values.iter().sum()
+}
+
+/// What a big map left behind: each run's id, state and value, and how many Ray tasks ran them.
+type Mapped = (Vec<(uuid::Uuid, State, Option<u32>)>, u32, State, u64);
+
+#[test]
+fn a_big_map_goes_in_batches_and_every_run_keeps_its_own_state_and_value() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn mapped(cluster: &Cluster) -> Mapped {
+        let futures = square_unless_unlucky.map(0..200u32);
+        let first_ten = add_up.submit(&futures[..10]);
+        let after_unlucky = plus_one.wait_for(&futures[13]).submit(1);
+        let runs = futures.iter().map(|f| (f.task_run_id(), f.wait(None).unwrap(), f.result().ok())).collect();
+        let ray_tasks = prefect_ray::diagnostics::bridge_stats().unwrap().ray_tasks;
+        (runs, first_ten.result().unwrap(), after_unlucky.wait(None).unwrap(), ray_tasks)
+    }
+    let (runs, first_ten, after_unlucky, ray_tasks) = mapped(&cluster).unwrap();
+    assert!(ray_tasks < 100, "200 runs went to Ray in batches: {ray_tasks} Ray tasks");
+    let ids: std::collections::HashSet<_> = runs.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids.len(), 200, "every run is a task run of its own");
+    for (number, (_, state, value)) in runs.iter().enumerate() {
+        match number {
+            13 => assert!(state.is_failed() && state.message.as_deref().unwrap().contains("unlucky 13"), "{state}"),
+            27 => {
+                assert!(state.is_failed() && state.message.as_deref().unwrap().contains("27 is right out"), "{state}")
+            }
+            n => assert_eq!((state.is_completed(), *value), (true, Some((n * n) as u32)), "run {n}: {state}"),
+        }
+    }
+    assert_eq!(first_ten, (0..10).map(|n| n * n).sum::<u32>(), "values of batched runs reach other tasks");
+    assert_eq!(after_unlucky.name, "NotReady", "{after_unlucky}");
+}
+
+#[test]
+fn max_batch_one_sends_every_run_of_a_map_alone() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner().max_batch(1))]
+    fn unbatched(cluster: &Cluster) -> u64 {
+        let before = prefect_ray::diagnostics::bridge_stats().unwrap().ray_tasks;
+        square_unless_unlucky.map(100..160u32).iter().for_each(|f| {
+            f.wait(None);
+        });
+        prefect_ray::diagnostics::bridge_stats().unwrap().ray_tasks - before
+    }
+    assert_eq!(unbatched(&cluster).unwrap(), 60);
+}

@@ -278,20 +278,30 @@ impl Mapping {
                 MapArg::Shared(piece, description) => (parameter, Ok((piece, description))),
             })
             .collect();
-        (0..count)
-            .map(|_| {
-                let mut call = self.task.call();
-                for (parameter, column) in &mut columns {
-                    let (piece, description) = match column {
-                        Ok((piece, description)) => (piece.clone(), description.clone()),
-                        Err(items) => items.next().expect("lengths were checked"),
-                    };
-                    call.descriptions.push(description);
-                    call.args.push(parameter, piece);
+        let context = context::current_or_standalone();
+        let mut runs = Vec::with_capacity(count);
+        let mut specs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut call = self.task.call();
+            for (parameter, column) in &mut columns {
+                let (piece, description) = match column {
+                    Ok((piece, description)) => (piece.clone(), description.clone()),
+                    Err(items) => items.next().expect("lengths were checked"),
+                };
+                call.descriptions.push(description);
+                call.args.push(parameter, piece);
+            }
+            match self.task.prepare(&context, call) {
+                Ok(spec) => {
+                    runs.push(spec.run.clone());
+                    specs.push(spec);
                 }
-                self.task.submit(call)
-            })
-            .collect()
+                Err(run) => runs.push(run),
+            }
+        }
+        // All at once, so a runner can send them together.
+        context.runner.submit_many(specs);
+        runs
     }
 }
 

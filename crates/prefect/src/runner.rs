@@ -124,6 +124,12 @@ pub trait TaskRunner: Send + Sync + 'static {
     /// end `NotReady` instead of running if one of them did not complete.
     fn submit(&self, spec: TaskRunSpec);
 
+    /// Takes the runs of one `map`, all runs of the same task with the same options. The
+    /// default submits them one by one; a runner may send them together.
+    fn submit_many(&self, specs: Vec<TaskRunSpec>) {
+        specs.into_iter().for_each(|spec| self.submit(spec));
+    }
+
     /// Releases what `start` acquired. Called after every submitted run has finished and
     /// the values still referenced by futures have been copied into this process.
     fn stop(&self);

@@ -167,13 +167,13 @@ def executor_path(spec):
     return spec
 
 
-def run_task(executor, header, *dependencies):
-    """The body of every Ray task of prefect-ray for Rust; returns (report, value)."""
+def _call(executor, parts):
+    """Hands a call to this worker's executor (started on first use); returns its reply."""
     current = _executors.get(executor)
     if current is None:
         current = _executors[executor] = _Executor(executor_path(executor))
     try:
-        report, value, control = current.call([header, *map(_to_executor, dependencies)])
+        *reply, control = current.call([parts[0], *map(_to_executor, parts[1:])])
     except (OSError, EOFError, struct.error) as error:
         _executors.pop(executor, None)
         code = current.close(kill=True)
@@ -190,16 +190,36 @@ def run_task(executor, header, *dependencies):
         # A timed-out attempt is still running in the executor: end it with its process.
         _executors.pop(executor, None)
         current.close(kill=True)
+    return reply
+
+
+def run_task(executor, header, *dependencies):
+    """The body of a Ray task of one run; returns (report, value)."""
+    report, value = _call(executor, [header, *dependencies])
     return report, _from_executor(value)
+
+
+def run_batch(executor, headers, *dependencies):
+    """The body of a Ray task of several runs; returns (reports, value, value, ...)."""
+    reports, *values = _call(executor, [headers, *dependencies])
+    return (reports, *map(_from_executor, values))
+
+
+def _named(body, name, executor):
+    def task(header, *dependencies):
+        return body(executor, header, *dependencies)
+
+    task.__name__ = name
+    task.__qualname__ = name
+    return task
 
 
 def named(name, executor):
     """`run_task` for one task: named after it, so Ray shows and logs it by that name, and
     bound to the executor that runs it, so calls carry only the run's header and inputs."""
+    return _named(run_task, name, executor)
 
-    def task(header, *dependencies):
-        return run_task(executor, header, *dependencies)
 
-    task.__name__ = name
-    task.__qualname__ = name
-    return task
+def named_batch(name, executor):
+    """`run_batch` for one task, named and bound the same way."""
+    return _named(run_batch, name, executor)
