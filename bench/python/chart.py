@@ -9,7 +9,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
-    ("noop", "No-op tasks per second", [("ours", "ours_tasks_per_s"), ("Ray", "ray_tasks_per_s"), ("prefect-ray", "prefect_ray_tasks_per_s")]),
+    (
+        "noop",
+        "No-op tasks per second",
+        [
+            ("ours, map", "ours_tasks_per_s"),
+            ("ours, submit", "ours_one_submit_per_task_tasks_per_s"),
+            ("Ray", "ray_tasks_per_s"),
+            ("prefect-ray", "prefect_ray_tasks_per_s"),
+        ],
+    ),
     ("noop_threads", "No-op tasks per second, thread pools", [("ours", "ours_tasks_per_s"), ("Prefect", "prefect_tasks_per_s")]),
     ("tree", "Tree reduction, 1,024 leaves: seconds", [("ours", "ours_seconds"), ("Ray", "ray_seconds")]),
     ("montecarlo", "Monte Carlo: seconds", [("ours", "ours_seconds"), ("one thread", "single_thread_seconds"), ("prefect-ray", "prefect_ray_seconds")]),
@@ -21,10 +30,12 @@ PANELS = [
 def main():
     results = json.load(open(sys.argv[1]))
     panels = [p for p in PANELS if p[0] in results]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4))
     for axis, (case, title, bars) in zip(axes, panels):
         values = [(label, results[case].get(key)) for label, key in bars if results[case].get(key) is not None]
-        axis.bar([label for label, _ in values], [value for _, value in values], color=["#2d6cdf", "#888888", "#e0823d"][: len(values)])
+        colors = ["#2d6cdf" if label.startswith("ours") else "#e0823d" if label in ("prefect-ray", "Prefect") else "#888888" for label, _ in values]
+        axis.bar([label for label, _ in values], [value for _, value in values], color=colors)
+        axis.set_yscale("log" if case == "noop" else "linear")
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=8)
         for index, (_, value) in enumerate(values):

@@ -76,13 +76,18 @@ fn warm_up() {
     warm.iter().for_each(|f| f.result().unwrap());
 }
 
-#[flow(task_runner = ray())]
-fn noop_on_ray(n: u64) -> f64 {
+/// Seconds to map `noop` over n elements and gather the results, after a warm-up.
+fn timed_noop_map(n: u64) -> f64 {
     warm_up();
     let started = Instant::now();
     let futures = noop.map(0..n);
     futures.iter().for_each(|f| f.result().unwrap());
     started.elapsed().as_secs_f64()
+}
+
+#[flow(task_runner = ray())]
+fn noop_on_ray(n: u64) -> f64 {
+    timed_noop_map(n)
 }
 
 /// One `submit` per run: each run is a Ray task of its own (no batching).
@@ -97,11 +102,7 @@ fn noop_submitted_on_ray(n: u64) -> f64 {
 
 #[flow(task_runner = ThreadPoolTaskRunner::new())]
 fn noop_on_threads(n: u64) -> f64 {
-    warm_up();
-    let started = Instant::now();
-    let futures = noop.map(0..n);
-    futures.iter().for_each(|f| f.result().unwrap());
-    started.elapsed().as_secs_f64()
+    timed_noop_map(n)
 }
 
 #[flow(task_runner = ray())]
@@ -139,11 +140,7 @@ fn data(megabytes: u64) -> (f64, u64, u64, u64) {
 
 #[flow(task_runner = ray())]
 fn scale(n: u64) -> f64 {
-    warm_up();
-    let started = Instant::now();
-    let futures = noop.map(0..n);
-    futures.iter().for_each(|f| f.result().unwrap());
-    started.elapsed().as_secs_f64()
+    timed_noop_map(n)
 }
 
 #[flow(task_runner = ray())]

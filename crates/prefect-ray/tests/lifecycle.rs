@@ -116,6 +116,7 @@ fn ten_shouts_run_two_at_a_time_and_the_instance_goes_with_the_run() {
         assert!(stderr.contains(&format!(" - #{number}\n")), "#{number} reached the driver's console:\n{stderr}");
     }
     assert!(stdout.contains("PEAK=2"), "a 2-CPU instance ran two shouts at a time: {stdout}");
+    assert!(stderr.contains("Started a temporary local Ray instance (Ray 2.60.0): 1 live node(s)"), "{stderr}");
     assert_nothing_left(tmp.path());
 }
 

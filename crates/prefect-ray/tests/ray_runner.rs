@@ -464,3 +464,38 @@ fn max_batch_one_sends_every_run_of_a_map_alone() {
     }
     assert_eq!(unbatched(&cluster).unwrap(), 60);
 }
+
+#[test]
+#[ignore = "runs in a child process, whose log is the default one on stderr"]
+fn child_on_a_cluster_with_a_dashboard() {
+    let cluster = prefect_ray::testing::LocalCluster::builder()
+        .dashboard(true)
+        .node(1, [], [])
+        .start()
+        .expect("a cluster with a dashboard starts");
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address).auth_token(token))]
+    fn observed(address: &str, token: &str) -> i64 {
+        add.submit(1, 2).result().unwrap()
+    }
+    println!(
+        "RESULT={} DASHBOARD={}",
+        observed(cluster.gcs_address(), cluster.auth_token()).unwrap(),
+        cluster.dashboard_url().unwrap()
+    );
+}
+
+#[test]
+fn the_runner_logs_the_live_nodes_and_the_dashboard() {
+    let output = support::run_test_in_child("child_on_a_cluster_with_a_dashboard", &[]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let dashboard = stdout
+        .split("DASHBOARD=")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
+    assert!(stdout.contains("RESULT=3"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("(Ray 2.60.0): 2 live node(s); dashboard at {dashboard}")),
+        "the start names the nodes and the dashboard:\n{stderr}"
+    );
+}

@@ -167,7 +167,7 @@ impl Task {
         let run = TaskRunHandle::new(info, definition, &context.span);
         {
             let _entered = context.span.enter();
-            tracing::debug!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", run.name(), definition.name);
+            tracing::info!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", run.name(), definition.name);
         }
         context.tracker.track(&run);
         if let Some(error) = error {

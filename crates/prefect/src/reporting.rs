@@ -175,6 +175,18 @@ struct TaskProgress {
 }
 
 impl TaskProgress {
+    fn new(flow_run_id: Uuid) -> Self {
+        Self {
+            flow_run_id,
+            run_count: 0,
+            start_time: None,
+            end_time: None,
+            total_run_time: 0.0,
+            running_since: None,
+            last_occurred: None,
+        }
+    }
+
     /// Takes in a new state; returns the time to report it at.
     fn enter(&mut self, state: &State) -> DateTime<Utc> {
         let at = state.timestamp;
@@ -257,15 +269,7 @@ impl PrefectObserver {
             if !created && !tasks.contains_key(&info.id) {
                 return;
             }
-            let progress = tasks.entry(info.id).or_insert_with(|| TaskProgress {
-                flow_run_id,
-                run_count: 0,
-                start_time: None,
-                end_time: None,
-                total_run_time: 0.0,
-                running_since: None,
-                last_occurred: None,
-            });
+            let progress = tasks.entry(info.id).or_insert_with(|| TaskProgress::new(flow_run_id));
             let occurred = progress.enter(state);
             let task_run = json!({
                 "name": info.name,
@@ -395,15 +399,7 @@ mod tests {
 
     #[test]
     fn progress_counts_runs_and_running_time_across_retries() {
-        let mut progress = TaskProgress {
-            flow_run_id: Uuid::nil(),
-            run_count: 0,
-            start_time: None,
-            end_time: None,
-            total_run_time: 0.0,
-            running_since: None,
-            last_occurred: None,
-        };
+        let mut progress = TaskProgress::new(Uuid::nil());
         progress.enter(&state(State::pending(), 0));
         progress.enter(&state(State::running(), 1));
         progress.enter(&state(State::awaiting_retry(at(5)), 3));
@@ -416,15 +412,7 @@ mod tests {
 
     #[test]
     fn event_times_of_one_run_always_increase() {
-        let mut progress = TaskProgress {
-            flow_run_id: Uuid::nil(),
-            run_count: 0,
-            start_time: None,
-            end_time: None,
-            total_run_time: 0.0,
-            running_since: None,
-            last_occurred: None,
-        };
+        let mut progress = TaskProgress::new(Uuid::nil());
         assert_eq!(progress.enter(&state(State::pending(), 10)), at(10));
         // A worker whose clock is behind the driver's.
         let occurred = progress.enter(&state(State::running(), 9));
