@@ -271,7 +271,7 @@ class Bridge:
         for key in keys:
             self.refs.pop(key, None)
 
-    def cancel(self, key, force):
+    def cancel(self, key):
         refs = self.refs.get(key)
         if refs is not None:
             try:

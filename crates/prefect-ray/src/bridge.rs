@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,7 +67,7 @@ enum Command_<'a> {
     SubmitBatch(Vec<u64>, u32, &'a Bytes, Vec<(&'a [u64], &'a [u64])>),
     Get(u64, u64),
     Release { keys: Vec<u64> },
-    Cancel(u64, bool),
+    Cancel { key: u64 },
     Stats { request: u64 },
     Shutdown,
 }
@@ -123,8 +123,8 @@ pub fn live_stats() -> Option<BridgeStats> {
 
 /// The live bridge of this process, if any.
 fn current() -> &'static Mutex<Weak<Bridge>> {
-    static CURRENT: OnceLock<Mutex<Weak<Bridge>>> = OnceLock::new();
-    CURRENT.get_or_init(|| Mutex::new(Weak::new()))
+    static CURRENT: Mutex<Weak<Bridge>> = Mutex::new(Weak::new());
+    &CURRENT
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -580,7 +580,7 @@ impl Shared {
     pub fn cancel_all(&self) {
         let keys: Vec<u64> = lock(&self.dispatch).runs.keys().copied().collect();
         for key in keys {
-            let _ = self.send(&Command_::Cancel(key, false));
+            let _ = self.send(&Command_::Cancel { key });
         }
     }
 

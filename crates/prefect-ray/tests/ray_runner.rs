@@ -499,3 +499,30 @@ fn the_runner_logs_the_live_nodes_and_the_dashboard() {
         "the start names the nodes and the dashboard:\n{stderr}"
     );
 }
+
+#[task]
+fn sleep_long(pid_file: PathBuf) -> u8 {
+    std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    1
+}
+
+#[test]
+fn a_flow_timeout_cancels_its_runs_on_ray() {
+    let cluster = cluster();
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(&address).auth_token(&token), timeout_seconds = 5)]
+    fn impatient(address: String, token: String, pid_file: PathBuf) -> u8 {
+        sleep_long.submit(pid_file).result().unwrap_or(0)
+    }
+    let pid_file = std::env::temp_dir().join(format!("sleep-long-{}", uuid::Uuid::new_v4()));
+    let started = std::time::Instant::now();
+    let error = impatient(cluster.gcs_address.clone(), cluster.auth_token.clone(), pid_file.clone()).unwrap_err();
+    assert!(error.message().contains("Flow run exceeded timeout of 5.0 second(s)"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(50), "the flow did not wait for the 60 s task");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    assert!(
+        support::eventually(Duration::from_secs(20), || !std::path::Path::new(&format!("/proc/{pid}")).exists()),
+        "the executor running the cancelled task (pid {pid}) was ended"
+    );
+}

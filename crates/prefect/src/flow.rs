@@ -180,7 +180,7 @@ where
 }
 
 fn timeout_message(limit: Duration) -> String {
-    format!("Flow run exceeded timeout of {} second(s)", limit.as_secs_f64())
+    format!("Flow run exceeded timeout of {} second(s)", task_engine::seconds_text(limit))
 }
 
 /// A flow run between its start and its end.

@@ -202,7 +202,13 @@ impl<'a> Retries<'a> {
 
 /// The message of a task run that overran its timeout.
 pub fn timeout_message(limit: Duration) -> String {
-    format!("Task run exceeded timeout of {} second(s)", limit.as_secs_f64())
+    format!("Task run exceeded timeout of {} second(s)", seconds_text(limit))
+}
+
+/// Seconds as Prefect writes them (a Python float): `5.0`, `0.25`.
+pub(crate) fn seconds_text(duration: Duration) -> String {
+    let seconds = duration.as_secs_f64();
+    if seconds.fract() == 0.0 { format!("{seconds:.1}") } else { seconds.to_string() }
 }
 
 fn to_owned(args: &[Cow<'_, [u8]>]) -> Vec<Vec<u8>> {
