@@ -52,14 +52,14 @@ pub fn bench(root: &Path, quick: bool) -> Result {
     run(cargo().args(["build", "--release", "--quiet", "-p", "prefect-ray-bench"]))?;
     eprintln!("xtask: starting a Prefect server for prefect-ray");
     let server = prefect_server::start(&prefect_python)?;
-    let scratch = tempdir("xtask-bench-")?;
+    let scratch = ScratchDir::new("xtask-bench-")?;
     let systems = Systems {
         ours: root.join("target/release/bench"),
         ray_python,
         prefect_python,
         scripts: root.join("bench/python"),
         api_url: server.api_url().to_owned(),
-        prefect_home: scratch.clone(),
+        prefect_home: scratch.0.clone(),
     };
 
     let mut samples: BTreeMap<&str, Samples> = BTreeMap::new();
@@ -91,7 +91,7 @@ pub fn bench(root: &Path, quick: bool) -> Result {
         }
     }
     drop(server);
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
 
     let results = summarize(&samples, &sizes);
     let dir = root.join("bench/results");
@@ -376,8 +376,19 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
     out
 }
 
-fn tempdir(prefix: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
-    Ok(dir)
+/// A directory under the system temp dir, removed when dropped, so a failed run leaves none behind.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
