@@ -6,7 +6,9 @@ Times exclude starting Ray, and follow a warm-up.
 """
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -15,9 +17,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_ray import RayTaskRunner
 
 
+# Ray's session files go here, not to /tmp/ray, and are removed when the case ends.
+RAY_TEMP_DIR = tempfile.mkdtemp(prefix="prb-", dir="/tmp")
+
+
 def ray_runner():
     return RayTaskRunner(
-        init_kwargs={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "_node_ip_address": "127.0.0.1"}
+        init_kwargs={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "_node_ip_address": "127.0.0.1",
+            "_temp_dir": RAY_TEMP_DIR,
+        }
     )
 
 
@@ -84,4 +96,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(RAY_TEMP_DIR, ignore_errors=True)
