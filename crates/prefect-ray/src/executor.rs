@@ -61,20 +61,21 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
                 std::process::exit(1);
             }
         };
-        let (batch, outcomes) = run_call(parts, &output);
+        let (batch, outcomes, inputs) = run_call(parts, &output);
         let restart = task_engine::abandoned_attempts_running();
         let control: &[u8] = if restart { b"exit" } else { b"" };
         if let Err(error) = reply(&mut replies, batch, &outcomes, control) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
             std::process::exit(1);
         }
+        // Unmapping a large input frees its shared memory, which takes a while: after the reply.
+        drop(inputs);
         if restart {
             std::process::exit(0);
         }
     }
 }
 
-/// Runs one task run from its header and its dependencies' values and reports.
 /// A blob from the worker: in the frame, or, when large, mapped from a shared-memory file.
 enum Blob {
     Inline(Vec<u8>),
@@ -131,8 +132,9 @@ const MANY_RUNS: u8 = 1;
 /// a run that did not complete, the text of its final state).
 type Outcome = (RunReport, (u8, Vec<u8>));
 
-/// Runs the runs of one call, one after the other; returns whether it was a call of many.
-fn run_call(mut parts: Vec<Vec<u8>>, output: &Output) -> (bool, Vec<Outcome>) {
+/// Runs the runs of one call, one after the other; returns whether it was a call of many,
+/// the outcomes, and the call's inputs (for the caller to drop once it has replied).
+fn run_call(mut parts: Vec<Vec<u8>>, output: &Output) -> (bool, Vec<Outcome>, Vec<Blob>) {
     let crashed = |message: String| {
         (
             RunReport { states: vec![State::crashed(message)], ..Default::default() },
@@ -140,24 +142,26 @@ fn run_call(mut parts: Vec<Vec<u8>>, output: &Output) -> (bool, Vec<Outcome>) {
         )
     };
     if parts.is_empty() {
-        return (false, vec![crashed("the worker sent an empty call".into())]);
+        return (false, vec![crashed("the worker sent an empty call".into())], Vec::new());
     }
     let call = parts.remove(0);
     let dependencies = match parts.into_iter().map(Blob::open).collect::<std::io::Result<Vec<_>>>() {
         Ok(dependencies) => dependencies,
         Err(error) => {
-            return (false, vec![crashed(format!("could not read an upstream value from shared memory: {error}"))]);
+            let message = format!("could not read an upstream value from shared memory: {error}");
+            return (false, vec![crashed(message)], Vec::new());
         }
     };
-    let mut dependencies = dependencies.iter();
-    match call.split_first() {
-        Some((&ONE_RUN, header)) => (false, vec![run(header, &mut dependencies, output)]),
+    let mut inputs = dependencies.iter();
+    let (batch, outcomes) = match call.split_first() {
+        Some((&ONE_RUN, header)) => (false, vec![run(header, &mut inputs, output)]),
         Some((&MANY_RUNS, headers)) => match rmp_serde::from_slice::<Vec<serde_bytes::ByteBuf>>(headers) {
-            Ok(headers) => (true, headers.iter().map(|header| run(header, &mut dependencies, output)).collect()),
+            Ok(headers) => (true, headers.iter().map(|header| run(header, &mut inputs, output)).collect()),
             Err(error) => (true, vec![crashed(format!("the worker sent calls this executor cannot read: {error}"))]),
         },
         _ => (false, vec![crashed("the worker sent a call of an unknown kind".into())]),
-    }
+    };
+    (batch, outcomes, dependencies)
 }
 
 /// Writes the reply to a call: the report (for many runs, an array of reports), each run's
