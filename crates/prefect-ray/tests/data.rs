@@ -70,33 +70,3 @@ fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
     assert_eq!(fetched, value as usize);
     assert!(driver_after_result >= value, "`.result()` brought it here: peak {} MB", driver_after_result >> 20);
 }
-
-#[task]
-fn tunables() -> String {
-    std::env::var("GLIBC_TUNABLES").unwrap_or_default()
-}
-
-#[task(remote_options = {"runtime_env": {"env_vars": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}}})]
-fn tunables_without_huge_pages() -> String {
-    std::env::var("GLIBC_TUNABLES").unwrap_or_default()
-}
-
-#[task(remote_options = {"runtime_env": {"env_vars": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}}})]
-fn tunables_with_an_arena_limit() -> String {
-    std::env::var("GLIBC_TUNABLES").unwrap_or_default()
-}
-
-#[test]
-fn executors_ask_malloc_for_huge_pages_unless_the_user_says_otherwise() {
-    let cluster = cluster();
-    #[flow(task_runner = cluster.runner())]
-    fn seen(cluster: &Cluster) -> [String; 3] {
-        let [a, b, c] =
-            [tunables.submit(), tunables_without_huge_pages.submit(), tunables_with_an_arena_limit.submit()];
-        [a.result().unwrap(), b.result().unwrap(), c.result().unwrap()]
-    }
-    assert_eq!(
-        seen(&cluster).unwrap(),
-        ["glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"]
-    );
-}

@@ -22,12 +22,6 @@ LARGE = 1 << 16
 
 _executors = {}
 
-# A large value is made, encoded and decoded in the executor's own memory, and faulting it in
-# one 4 KiB page at a time costs more than copying it. This glibc tunable makes malloc ask for
-# transparent huge pages, which cuts passing 100 MB between tasks by a third. A user's own
-# choice (GLIBC_TUNABLES naming glibc.malloc.hugetlb) wins; other C libraries ignore it.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
 # The first byte of a blob kept in a shared-memory file; the rest is the file's path.
 IN_FILE = 2
 _SHARED = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -90,9 +84,6 @@ class _Executor:
                 pass
         env = dict(os.environ)
         env["PREFECT_RAY_EXECUTOR"] = f"{command_read},{reply_write}"
-        tunables = env.get("GLIBC_TUNABLES", "")
-        if "glibc.malloc.hugetlb" not in tunables:
-            env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
         self.path = path
         self.process = subprocess.Popen(
             [path],
