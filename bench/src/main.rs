@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use prefect::{ThreadPoolTaskRunner, flow, task};
 use prefect_ray::RayTaskRunner;
+use prefect_ray::diagnostics::peak_rss_bytes;
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
 
@@ -146,17 +147,6 @@ fn scale(n: u64) -> f64 {
 #[flow(task_runner = ray())]
 fn startup() {}
 
-/// This process's peak resident memory, in bytes.
-fn peak_rss() -> u64 {
-    // SAFETY: getrusage fills the struct we hand it.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    usage.ru_maxrss as u64 * 1024
-}
-
 fn arg(args: &[String], index: usize, default: u64) -> u64 {
     args.get(index).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
@@ -197,14 +187,14 @@ fn main() {
             assert_eq!(length, megabytes << 20);
             json!({
                 "seconds": seconds,
-                "driver_peak_mb": (peak_rss() >> 20) as f64,
+                "driver_peak_mb": (peak_rss_bytes() >> 20) as f64,
                 "bridge_growth_mb": (bridge_peak.saturating_sub(bridge_before) >> 20) as f64,
             })
         }
         "scale" => {
             let n = arg(&args, 1, 100_000);
             let seconds = scale(n).expect("the flow completes");
-            json!({"seconds": seconds, "tasks_per_s": n as f64 / seconds, "driver_peak_mb": (peak_rss() >> 20) as f64})
+            json!({"seconds": seconds, "tasks_per_s": n as f64 / seconds, "driver_peak_mb": (peak_rss_bytes() >> 20) as f64})
         }
         "startup" => {
             let started = Instant::now();

@@ -32,4 +32,16 @@ pub mod diagnostics {
     pub fn bridge_stats() -> Option<BridgeStats> {
         crate::bridge::live_stats()
     }
+
+    /// This process's peak resident memory, in bytes: with [`bridge_stats`], shows whether
+    /// a value passed through the driver.
+    pub fn peak_rss_bytes() -> u64 {
+        // SAFETY: getrusage fills the struct we hand it.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        usage.ru_maxrss as u64 * 1024
+    }
 }

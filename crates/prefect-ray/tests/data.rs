@@ -5,6 +5,7 @@
 mod support;
 
 use prefect::{flow, task};
+use prefect_ray::diagnostics::peak_rss_bytes;
 use serde_bytes::ByteBuf;
 use support::{Cluster, cluster};
 
@@ -22,17 +23,6 @@ fn consume(data: ByteBuf) -> (usize, u64) {
     (data.len(), data.iter().map(|&b| u64::from(b)).sum())
 }
 
-/// This process's peak resident memory.
-fn peak_rss() -> u64 {
-    // SAFETY: getrusage fills the struct we hand it.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    usage.ru_maxrss as u64 * 1024
-}
-
 /// What the pipeline measured: the consumer's summary, peak memory (this process, bridge)
 /// before and after the value passed, this process's peak after `.result()`, the value's size.
 type Measured = ((usize, u64), (u64, u64), (u64, u64), u64, usize);
@@ -42,7 +32,7 @@ fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
     let cluster = cluster();
     /// Peak memory of this process and of its Ray driver (the bridge), in bytes.
     fn peaks() -> (u64, u64) {
-        (peak_rss(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
+        (peak_rss_bytes(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
     }
     #[flow(task_runner = cluster.runner())]
     fn pipeline(cluster: &Cluster) -> Measured {
@@ -51,7 +41,7 @@ fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
         let summary = consume.submit(&data).result().unwrap();
         let after_pipeline = peaks();
         let fetched = data.result().unwrap();
-        (summary, before, after_pipeline, peak_rss(), fetched.len())
+        (summary, before, after_pipeline, peak_rss_bytes(), fetched.len())
     }
     let (summary, before, after, driver_after_result, fetched) = pipeline(&cluster).unwrap();
     let value = 200 * MEGABYTE as u64;
