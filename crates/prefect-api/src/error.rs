@@ -4,6 +4,7 @@ use std::time::Duration;
 
 /// A failed request to a Prefect server.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ApiError {
     /// No answer: the server is down, the address is wrong, or it took too long.
     #[error(
@@ -47,9 +48,6 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
-    /// A server to test against could not be started.
-    #[error("could not start a Prefect server for tests: {0}")]
-    TestServer(String),
 }
 
 fn status_hint(status: u16) -> &'static str {

@@ -23,12 +23,13 @@
 //! # Ok::<(), prefect_api::ApiError>(())
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
 mod client;
 mod error;
 mod model;
 mod reporter;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use client::Client;

@@ -17,7 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
-use crate::error::ApiError;
+
+/// Why a test server could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start a Prefect server for tests: {0}")]
+pub struct TestServerError(String);
 
 /// The variable naming the `prefect` executable to start; by default the one that
 /// `cargo xtask setup --prefect` installs in the workspace's `.venv-prefect`.
@@ -82,7 +86,7 @@ impl TestServer {
     ///
     /// If `prefect` is missing (run `cargo xtask setup --prefect`), or the server does not
     /// answer within two minutes; the error ends with its output.
-    pub fn start() -> Result<Self, ApiError> {
+    pub fn start() -> Result<Self, TestServerError> {
         Self::start_with(&prefect_bin())
     }
 
@@ -91,9 +95,9 @@ impl TestServer {
     /// # Errors
     ///
     /// As for [`start`](Self::start).
-    pub fn start_with(prefect: &Path) -> Result<Self, ApiError> {
+    pub fn start_with(prefect: &Path) -> Result<Self, TestServerError> {
         if !prefect.exists() {
-            return Err(ApiError::TestServer(format!(
+            return Err(TestServerError(format!(
                 "{} does not exist: run `cargo xtask setup --prefect`, or set {PREFECT_BIN_ENV}",
                 prefect.display()
             )));
@@ -109,8 +113,8 @@ impl TestServer {
         Self::spawn(prefect, template.as_deref())
     }
 
-    fn spawn(prefect: &Path, template: Option<&Path>) -> Result<Self, ApiError> {
-        let fail = |message: String| ApiError::TestServer(message);
+    fn spawn(prefect: &Path, template: Option<&Path>) -> Result<Self, TestServerError> {
+        let fail = |message: String| TestServerError(message);
         let home =
             tempfile::Builder::new().prefix("prefect-test-server-").tempdir().map_err(|e| fail(e.to_string()))?;
         if let Some(template) = template {

@@ -134,3 +134,53 @@ impl Value {
 pub fn error(span: Span, message: impl std::fmt::Display) -> syn::Error {
     syn::Error::new(span, message)
 }
+
+/// The value of a number literal, possibly negated or in parentheses; `None` for any other
+/// expression (a constant, a call), which can only be checked at run time.
+pub fn literal_number(expr: &Expr) -> Option<f64> {
+    match expr {
+        Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(int), .. }) => int.base10_digits().parse().ok(),
+        Expr::Lit(syn::ExprLit { lit: syn::Lit::Float(float), .. }) => float.base10_digits().parse().ok(),
+        Expr::Unary(syn::ExprUnary { op: syn::UnOp::Neg(_), expr, .. }) => literal_number(expr).map(|n| -n),
+        Expr::Paren(inner) => literal_number(&inner.expr),
+        Expr::Group(inner) => literal_number(&inner.expr),
+        _ => None,
+    }
+}
+
+/// What a number option must be.
+#[derive(Clone, Copy)]
+pub enum Range {
+    /// Zero or more: retries, delays, jitter.
+    NonNegative,
+    /// More than zero: timeouts.
+    Positive,
+}
+
+/// Checks a number literal against `range`, so an option out of range does not compile.
+/// Expressions that are not literals pass, and are checked when a run is created.
+pub fn check_number(option: &Ident, expr: &Expr, range: Range, what: &str) -> syn::Result<()> {
+    let Some(value) = literal_number(expr) else { return Ok(()) };
+    let fits = match range {
+        Range::NonNegative => value >= 0.0,
+        Range::Positive => value > 0.0,
+    };
+    if fits && value.is_finite() {
+        return Ok(());
+    }
+    let wanted = match range {
+        Range::NonNegative => "zero or more",
+        Range::Positive => "more than zero",
+    };
+    Err(syn::Error::new_spanned(expr, format!("`{option}` must be {wanted} {what}; got {value}")))
+}
+
+impl Option_ {
+    /// Checks a number option (or each number of a list) against `range`.
+    pub fn check_numbers(&self, range: Range, what: &str) -> syn::Result<()> {
+        match self.expr()? {
+            Expr::Array(array) => array.elems.iter().try_for_each(|item| check_number(&self.name, item, range, what)),
+            expr => check_number(&self.name, expr, range, what),
+        }
+    }
+}

@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::{ItemFn, LitStr};
 
-use crate::attributes;
+use crate::attributes::{self, Range};
 use crate::signature::Signature;
 
 const OPTIONS: &[&str] = &["name", "task_runner", "retries", "retry_delay_seconds", "timeout_seconds"];
@@ -26,14 +26,19 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 runner = quote! { #expr };
             }
             "retries" => {
+                option.check_numbers(Range::NonNegative, "retries")?;
                 let expr = option.expr()?;
                 retries = quote! { #expr };
             }
             "retry_delay_seconds" => {
+                option.check_numbers(Range::NonNegative, "seconds")?;
                 let expr = option.expr()?;
                 retry_delay = quote! { (#expr) as f64 };
             }
-            "timeout_seconds" => timeout = Some(option.expr()?.clone()),
+            "timeout_seconds" => {
+                option.check_numbers(Range::Positive, "seconds")?;
+                timeout = Some(option.expr()?.clone());
+            }
             _ => unreachable!("options were checked"),
         }
     }

@@ -5,7 +5,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attributes;
+use crate::attributes::{self, Range};
 use crate::signature::{Signature, fingerprint};
 
 const OPTIONS: &[&str] = &[
@@ -46,19 +46,23 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             "name" => name = option.string()?,
             "task_run_name" => run_name_template = Some(option.string()?),
             "retries" => {
+                option.check_numbers(Range::NonNegative, "retries")?;
                 let value = option.expr()?;
                 settings.push(quote! { __options.retries = #value; });
             }
             "retry_delay_seconds" => {
+                option.check_numbers(Range::NonNegative, "seconds")?;
                 let value = option.seconds_list()?;
                 settings.push(quote! { __options.retry_delay_seconds = #value; });
             }
             "retry_jitter_factor" => {
+                option.check_numbers(Range::NonNegative, "(a factor of the delay)")?;
                 let value = option.expr()?;
                 settings
                     .push(quote! { __options.retry_jitter_factor = ::core::option::Option::Some((#value) as f64); });
             }
             "timeout_seconds" => {
+                option.check_numbers(Range::Positive, "seconds")?;
                 let value = option.expr()?;
                 settings.push(quote! { __options.timeout_seconds = ::core::option::Option::Some((#value) as f64); });
             }
@@ -91,7 +95,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     let names = signature.names();
     let types = signature.types();
     let value = &signature.value;
-    let key = format!("::{ident}");
+    let key_prefix = format!("::{ident}@");
+    // The place in the source keeps apart tasks of the same name in two functions of one
+    // module, whose module paths are the same.
+    let registry_key = quote_spanned! { ident.span() =>
+        ::core::concat!(::core::module_path!(), #key_prefix, ::core::line!(), ":", ::core::column!())
+    };
     let fingerprint = fingerprint(&function);
     let parameter_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
 
@@ -151,7 +160,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     let mut __call = self.task.call();
                     #( __call.arg(#parameter_names, #names, #shows); )*
                     let __run = self.task.run_inline_async(__call);
-                    ::std::boxed::Box::pin(async move { ::prefect::PrefectFuture::<#value>::from_handle(__run.await).result() })
+                    ::std::boxed::Box::pin(async move { __run.await.result() })
                 }
             },
             quote! { ::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = ::core::result::Result<#value, ::prefect::TaskError>> + ::core::marker::Send>> },
@@ -173,7 +182,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 pub fn call(&self, #(#names: #types),*) -> ::core::result::Result<#value, ::prefect::TaskError> {
                     let mut __call = self.task.call();
                     #( __call.arg(#parameter_names, #names, #shows); )*
-                    ::prefect::PrefectFuture::<#value>::from_handle(self.task.run_inline(__call)).result()
+                    self.task.run_inline(__call).result()
                 }
             },
             quote! { ::core::result::Result<#value, ::prefect::TaskError> },
@@ -194,12 +203,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         #[allow(non_camel_case_types)]
         #[derive(Clone, Debug)]
         #vis struct #handle_type {
-            task: ::prefect::Task,
+            task: ::prefect::__private::Task<#value>,
         }
 
         #(#docs)*
         #[allow(non_upper_case_globals)]
-        #vis const #ident: #handle_type = #handle_type { task: ::prefect::Task::new(&#definition) };
+        #vis const #ident: #handle_type = #handle_type { task: ::prefect::__private::Task::new(&#definition) };
 
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
@@ -207,7 +216,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         #[linkme(crate = ::prefect::__private::linkme)]
         static #definition: ::prefect::__private::TaskDefinition = ::prefect::__private::TaskDefinition {
             name: #name,
-            key: ::core::concat!(::core::module_path!(), #key),
+            key: #registry_key,
             fingerprint: #fingerprint,
             parameters: &[#(#parameter_names),*],
             options: #handle_type::__options,
@@ -234,7 +243,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             pub fn submit<#(#generics: ::prefect::IntoArg<#types>),*>(&self, #(#names: #generics),*) -> ::prefect::PrefectFuture<#value> {
                 let mut __call = self.task.call();
                 #( __call.arg(#parameter_names, #names, #shows); )*
-                ::prefect::PrefectFuture::from_handle(self.task.submit(__call))
+                self.task.submit(__call)
             }
 
             /// Submits one run per element of the iterable arguments, zipped; arguments
@@ -243,20 +252,23 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             /// # Panics
             ///
             /// If the iterables have different lengths, or none is given.
+            #[track_caller]
             pub fn map<#(#generics: ::prefect::IntoMapArg<#types>),*>(&self, #(#names: #generics),*) -> ::std::vec::Vec<::prefect::PrefectFuture<#value>> {
                 let mut __mapping = self.task.mapping();
                 #( __mapping.arg::<#types>(#parameter_names, #names, #shows); )*
-                __mapping.submit().into_iter().map(::prefect::PrefectFuture::from_handle).collect()
+                self.task.map(__mapping)
             }
 
             #call_method
 
             /// The same task with changed options for the runs submitted through it.
+            #[must_use = "with_options returns a new task and leaves this one unchanged; submit through the task it returns"]
             pub fn with_options(&self, change: impl ::core::ops::FnOnce(&mut ::prefect::TaskOptions)) -> Self {
                 Self { task: self.task.with_options(change) }
             }
 
             /// The same task, whose runs first wait for these futures to finish.
+            #[must_use = "wait_for returns a new task and leaves this one unchanged; submit through the task it returns"]
             pub fn wait_for(&self, futures: impl ::prefect::WaitFor) -> Self {
                 Self { task: self.task.wait_for(futures) }
             }
@@ -271,9 +283,14 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 self.task.definition().key
             }
 
-            /// The engine's view of this task.
-            pub fn task(&self) -> &::prefect::Task {
-                &self.task
+            /// The options its runs will use.
+            pub fn options(&self) -> ::prefect::TaskOptions {
+                self.task.options()
+            }
+
+            /// What a runner in another process needs to find and run the task.
+            pub fn definition(&self) -> &'static ::prefect::runner::TaskDefinition {
+                self.task.definition()
             }
         }
 

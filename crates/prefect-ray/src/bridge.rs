@@ -16,8 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prefect::State;
-use prefect::task_run::{RemoteResult, ResultData, TaskRunHandle};
+use prefect::runner::{RemoteResult, ResultData, TaskRun, TaskRunWriter};
 use serde::{Deserialize, Serialize};
 use serde_bytes::{ByteBuf, Bytes};
 use serde_json::{Map, Value};
@@ -109,6 +108,12 @@ pub struct Bridge {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge").field("cluster", &self.shared.info).finish_non_exhaustive()
+    }
+}
+
 impl Drop for Bridge {
     fn drop(&mut self) {
         self.shared.shut_down();
@@ -177,6 +182,9 @@ struct Dispatch {
     runs: HashMap<u64, PendingRun>,
     requests: HashMap<u64, mpsc::Sender<Result<Answer, String>>>,
     next_request: u64,
+    /// Why the session ended, once it has: set under the same lock that admits runs, so no
+    /// run is admitted after its runs were failed.
+    closed: Option<String>,
 }
 
 /// The bridge's answer to a request.
@@ -196,8 +204,8 @@ pub struct Call {
 
 /// A run submitted to Ray and not finished yet.
 pub struct PendingRun {
-    pub run: TaskRunHandle,
-    pub dependencies: Vec<TaskRunHandle>,
+    pub run: TaskRunWriter,
+    pub dependencies: Vec<TaskRun>,
 }
 
 /// A task run's value in Ray's object store; released when the last handle goes.
@@ -471,9 +479,7 @@ impl Shared {
         }
         let mut batch = vec![MANY_RUNS];
         if let Err(error) = rmp_serde::encode::write(&mut batch, &headers) {
-            pendings
-                .into_iter()
-                .for_each(|p| p.run.finish(State::crashed(format!("could not encode the calls: {error}")), None));
+            pendings.into_iter().for_each(|p| p.run.crash(format!("could not encode the calls: {error}")));
             return;
         }
         let keys = self.admit(pendings);
@@ -493,13 +499,13 @@ impl Shared {
     /// (none if the session has ended: then the runs end `Crashed`).
     fn admit(self: &Arc<Self>, pendings: Vec<PendingRun>) -> Vec<u64> {
         let mut dispatch = lock(&self.dispatch);
-        while dispatch.runs.len() >= self.max_in_flight && self.alive.load(Ordering::Acquire) {
+        while dispatch.runs.len() >= self.max_in_flight && dispatch.closed.is_none() {
             dispatch = self.room.wait(dispatch).unwrap_or_else(|p| p.into_inner());
         }
-        if !self.alive.load(Ordering::Acquire) {
+        if let Some(reason) = dispatch.closed.clone() {
             drop(dispatch);
             for pending in pendings {
-                pending.run.finish(State::crashed("the Ray session ended before the run was submitted"), None);
+                pending.run.crash(format!("the run could not be submitted: {reason}"));
             }
             return Vec::new();
         }
@@ -517,7 +523,7 @@ impl Shared {
     fn fail_submitted(&self, keys: &[u64], message: &str) {
         for key in keys {
             if let Some(pending) = self.take_run(*key) {
-                pending.run.finish(State::crashed(message), None);
+                pending.run.crash(message);
             }
         }
     }
@@ -589,7 +595,6 @@ impl Shared {
     pub fn shut_down(&self) {
         if self.stop_processes() {
             self.fail_everything("the Ray session ended before the run finished");
-            self.room.notify_all();
         }
     }
 
@@ -626,13 +631,17 @@ impl Shared {
         true
     }
 
+    /// Ends the session's runs and requests: every run not finished yet ends `Crashed`, and
+    /// any run submitted from now on too. Only the first reason counts.
     fn fail_everything(&self, message: &str) {
         let (runs, requests) = {
             let mut dispatch = lock(&self.dispatch);
+            dispatch.closed.get_or_insert_with(|| message.to_owned());
             (std::mem::take(&mut dispatch.runs), std::mem::take(&mut dispatch.requests))
         };
+        self.room.notify_all();
         for (_, pending) in runs {
-            pending.run.finish(State::crashed(message), None);
+            pending.run.crash(message);
         }
         for (_, request) in requests {
             let _ = request.send(Err(message.to_owned()));
@@ -663,7 +672,7 @@ impl Shared {
     fn done(&self, key: u64, report: &[u8]) {
         if let Some(pending) = self.take_run(key) {
             let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
-            crate::report::apply(&pending, report, value);
+            crate::report::apply(pending, report, value);
         }
     }
 
@@ -680,6 +689,8 @@ fn read_replies(mut replies: BufReader<std::process::ChildStdout>, shared: Weak<
         let Some(shared) = shared.upgrade() else { return };
         match reply {
             Ok(Some(Reply::Bye)) | Ok(None) | Err(_) => {
+                // A bridge stopped on purpose has its runs ended by whoever stopped it (or,
+                // on a signal, left as they are while the process goes).
                 if shared.alive.load(Ordering::Acquire) {
                     let reason = format!("the Ray bridge process exited unexpectedly{}", shared.last_words());
                     tracing::error!(target: "prefect_ray", "{reason}");

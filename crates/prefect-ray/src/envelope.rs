@@ -5,7 +5,7 @@
 //! dependent run (or the trampoline) can tell without decoding the rest.
 
 use chrono::{DateTime, Utc};
-use prefect::args::Arg;
+use prefect::runner::Arg;
 use prefect::{State, TaskOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -12,9 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use chrono::Utc;
-use prefect::args::assemble;
-use prefect::runner::not_ready;
-use prefect::{State, registry, task_engine};
+use prefect::State;
+use prefect::runner::{self, LookupError, assemble, not_ready};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
@@ -62,7 +61,7 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
             }
         };
         let (batch, outcomes, inputs) = run_call(parts, &output);
-        let restart = task_engine::abandoned_attempts_running();
+        let restart = runner::abandoned_attempts_running();
         let control: &[u8] = if restart { b"exit" } else { b"" };
         if let Err(error) = reply(&mut replies, batch, &outcomes, control) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
@@ -255,13 +254,19 @@ fn execute<'a>(
         }
     }
     let exe = || std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
-    let Some(task) = registry::lookup(&header.task_key) else {
-        states.push(State::failed(format!(
-            "task '{}' is not in the executor binary {}: it was built from other code; rebuild, and run the flow again",
-            header.task_key,
-            exe()
-        )));
-        return None;
+    let task = match runner::lookup(&header.task_key) {
+        Ok(task) => task,
+        Err(LookupError::Missing(key)) => {
+            states.push(State::failed(format!(
+                "task '{key}' is not in the executor binary {}: it was built from other code; rebuild, and run the flow again",
+                exe()
+            )));
+            return None;
+        }
+        Err(error) => {
+            states.push(State::failed(format!("the executor binary {}: {error}", exe())));
+            return None;
+        }
     };
     if task.fingerprint != header.fingerprint {
         states.push(State::failed(format!(
@@ -273,7 +278,7 @@ fn execute<'a>(
     }
     let args = assemble(&header.args, &upstream_values);
     let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
-    let execution = task_engine::execute(task, &args, &header.options, &span, &mut |state| states.push(state));
+    let execution = runner::execute(task, &args, &header.options, &span, &mut |state| states.push(state));
     states.push(execution.state);
     execution.result
 }

@@ -95,5 +95,5 @@ impl RemoteOptions {
 /// }
 /// ```
 pub fn remote_options<R>(options: RemoteOptions, body: impl FnOnce() -> R) -> R {
-    prefect::options::with_remote_options(options.0, body)
+    prefect::runner::with_remote_options(options.0, body)
 }

@@ -5,19 +5,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prefect::State;
 use prefect::logging::TIMESTAMP_FIELD;
-use prefect::runner::not_ready;
-use prefect::task_run::{ResultData, TaskRunHandle};
+use prefect::runner::{ResultData, TaskRun, not_ready};
 
 use crate::bridge::PendingRun;
 use crate::envelope::{self, OutputLine, Stream};
 
 /// Applies a run's report: replays its output under the run's name, then its states.
-pub fn apply(pending: &PendingRun, report: &[u8], value: Option<ResultData>) {
-    let run = &pending.run;
+pub fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {
+    let run = pending.run;
     let (report, inline_value) = match envelope::decode_report(report) {
         Ok(decoded) => decoded,
         Err(error) => {
-            run.finish(State::crashed(format!("the executor sent {error}")), None);
+            run.crash(format!("the executor sent {error}"));
             return;
         }
     };
@@ -40,7 +39,7 @@ pub fn apply(pending: &PendingRun, report: &[u8], value: Option<ResultData>) {
     }
     let mut states = report.states;
     let Some(last) = states.pop() else {
-        run.finish(State::crashed("the executor reported no state"), None);
+        run.crash("the executor reported no state");
         return;
     };
     for state in states {
@@ -74,9 +73,9 @@ fn replay(line: &OutputLine) {
 /// `NotReady` (Ray fails it with the dependency's error); otherwise `kind` decides.
 /// Decided once every dependency has finished, whatever order Ray reports them in.
 pub fn fail(pending: PendingRun, kind: String, message: String) {
-    let unfinished: Vec<TaskRunHandle> = pending.dependencies.iter().filter(|d| !d.is_finished()).cloned().collect();
+    let unfinished: Vec<TaskRun> = pending.dependencies.iter().filter(|d| !d.is_finished()).cloned().collect();
     if unfinished.is_empty() {
-        decide(&pending, &kind, &message);
+        decide(pending, &kind, &message);
         return;
     }
     let waiting = Arc::new(AtomicUsize::new(unfinished.len()));
@@ -87,13 +86,13 @@ pub fn fail(pending: PendingRun, kind: String, message: String) {
             if waiting.fetch_sub(1, Ordering::AcqRel) == 1
                 && let Some((pending, kind, message)) = decision.lock().unwrap_or_else(|p| p.into_inner()).take()
             {
-                decide(&pending, &kind, &message);
+                decide(pending, &kind, &message);
             }
         });
     }
 }
 
-fn decide(pending: &PendingRun, kind: &str, message: &str) {
+fn decide(pending: PendingRun, kind: &str, message: &str) {
     if let Some(upstream) = pending.dependencies.iter().find(|d| !d.state().is_completed()) {
         pending.run.finish(not_ready(upstream.name(), &upstream.state()), None);
         return;

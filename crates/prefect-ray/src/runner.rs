@@ -4,11 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prefect::State;
-use prefect::args::Arg;
-use prefect::observe::FlowRunInfo;
-use prefect::runner::{RunnerError, TaskRunSpec, TaskRunner, not_ready};
-use prefect::task_run::TaskRunHandle;
+use prefect::runner::{Arg, FlowRunInfo, RunnerError, TaskRun, TaskRunSpec, TaskRunner, not_ready};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -44,6 +40,7 @@ use crate::envelope::CallHeader;
 ///
 /// count_to(10).unwrap();
 /// ```
+#[derive(Debug)]
 pub struct RayTaskRunner {
     config: BridgeConfig,
     bridge: Mutex<Option<Arc<Bridge>>>,
@@ -180,7 +177,7 @@ impl TaskRunner for RayTaskRunner {
 
     fn submit(&self, spec: TaskRunSpec) {
         let Some(bridge) = self.bridge() else {
-            spec.run.finish(State::crashed("the RayTaskRunner was not started"), None);
+            spec.run.crash("the RayTaskRunner was not started");
             return;
         };
         if let Some((function, call)) = prepare(bridge.shared(), spec) {
@@ -194,9 +191,7 @@ impl TaskRunner for RayTaskRunner {
     /// get several, so the work still spreads.
     fn submit_many(&self, specs: Vec<TaskRunSpec>) {
         let Some(bridge) = self.bridge() else {
-            specs
-                .into_iter()
-                .for_each(|spec| spec.run.finish(State::crashed("the RayTaskRunner was not started"), None));
+            specs.into_iter().for_each(|spec| spec.run.crash("the RayTaskRunner was not started"));
             return;
         };
         let shared = bridge.shared();
@@ -292,18 +287,18 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
     let header = match rmp_serde::encode::write_named(&mut encoded, &header).map(|()| encoded) {
         Ok(header) => header,
         Err(error) => {
-            spec.run.finish(State::crashed(format!("could not encode the call: {error}")), None);
+            spec.run.crash(format!("could not encode the call: {error}"));
             return None;
         }
     };
     let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
         Ok(function) => function,
         Err(message) => {
-            spec.run.finish(State::crashed(message), None);
+            spec.run.crash(message);
             return None;
         }
     };
-    let dependencies: Vec<TaskRunHandle> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
+    let dependencies: Vec<TaskRun> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
     Some((function, Call { pending: PendingRun { run: spec.run, dependencies }, header, value_keys, report_keys }))
 }
 

@@ -202,12 +202,14 @@ fn errors_panics_and_undecodable_arguments_fail_with_their_message() {
         let error = fail_with.submit("bad input".to_owned());
         let panic = panic_with.submit("kaboom".to_owned());
         let downstream = plus_one.submit(&error);
-        (error.result().unwrap_err(), panic.result().unwrap_err(), downstream.wait(None).unwrap(), {
-            // An argument whose bytes do not decode as the parameter's type.
-            let mut call = half.task().call();
-            call.arg::<u32, _>("number", 3u32, None);
-            PrefectFuture::<u32>::from_handle(half.task().submit(call)).result().unwrap_err()
-        })
+        // An argument that serializes but does not decode again as the parameter's type.
+        let undecodable = half.submit(Even(3));
+        (
+            error.result().unwrap_err(),
+            panic.result().unwrap_err(),
+            downstream.wait(None).unwrap(),
+            undecodable.result().unwrap_err(),
+        )
     }
     let (error, panic, downstream, undecodable) = failing(&cluster).unwrap();
     assert!(matches!(error, TaskError::Failed { .. }) && error.message().contains("bad input"), "{error}");
@@ -525,4 +527,38 @@ fn a_flow_timeout_cancels_its_runs_on_ray() {
         support::eventually(Duration::from_secs(20), || !std::path::Path::new(&format!("/proc/{pid}")).exists()),
         "the executor running the cancelled task (pid {pid}) was ended"
     );
+}
+
+/// Whether the process is gone: exited, or a zombie its parent has not reaped yet.
+fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn runs_in_flight_or_submitted_after_the_bridge_dies_end_crashed_at_once() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn orphaned(cluster: &Cluster) -> (Vec<Result<(f64, f64), TaskError>>, Vec<Result<i64, TaskError>>, Duration) {
+        add.submit(1, 2).wait(None);
+        let in_flight: Vec<_> = (0..2).map(|_| nap.submit(60_000)).collect();
+        let bridge = prefect_ray::diagnostics::bridge_stats().expect("the bridge is up").bridge_pid;
+        // SAFETY: kill(2) on the bridge, a child of this process; no memory is involved.
+        unsafe { libc::kill(bridge as libc::pid_t, libc::SIGKILL) };
+        assert!(support::eventually(Duration::from_secs(10), || is_dead(bridge)), "the bridge died");
+        let started = std::time::Instant::now();
+        let after: Vec<_> = (0..50).map(|i| add.submit(i, 1)).collect();
+        let after = after.iter().map(PrefectFuture::result).collect();
+        let in_flight = in_flight.iter().map(PrefectFuture::result).collect();
+        (in_flight, after, started.elapsed())
+    }
+    let (in_flight, after, took) = orphaned(&cluster).unwrap();
+    assert!(took < Duration::from_secs(2), "every run ended at once: {took:?}");
+    for result in in_flight.iter().map(|r| r.as_ref().map(drop)).chain(after.iter().map(|r| r.as_ref().map(drop))) {
+        let error = result.expect_err("no run completes without a bridge");
+        assert!(matches!(error, TaskError::Crashed { .. }), "{error:?}");
+        assert!(error.message().contains("the Ray bridge process exited unexpectedly"), "{error}");
+    }
 }

@@ -1,37 +1,57 @@
 //! What `#[task]` exposes: call a task, submit it, map it.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use chrono::Utc;
 use uuid::Uuid;
 
-use crate::args::{Arg, ArgsBuilder, IntoArg, IntoMapArg, MapArg};
 use crate::context::{self, FlowRunContext};
 use crate::future::PrefectFuture;
+use crate::into_arg::{ArgsBuilder, IntoArg, IntoMapArg, MapArg};
 use crate::observe::TaskRunInfo;
 use crate::options::TaskOptions;
 use crate::registry::TaskDefinition;
 use crate::runner::TaskRunSpec;
 use crate::state::State;
 use crate::task_engine;
-use crate::task_run::{ResultData, TaskRunHandle};
+use crate::task_run::{TaskRun, TaskRunWriter};
+use crate::wire::Arg;
 
-/// A task with the options its runs will use: what `#[task]` turns a function into.
+/// A task with the options its runs will use: what `#[task]` turns a function into, typed by
+/// the value `V` its runs produce.
 ///
 /// The code `#[task]` generates wraps one of these and adds typed `submit`, `map` and
-/// `call` methods; the methods here are shared by every task.
-#[derive(Clone, Debug)]
-pub struct Task {
+/// `call` methods with the function's parameters; the methods here are shared by every task.
+pub struct Task<V> {
     definition: &'static TaskDefinition,
     options: Option<Arc<TaskOptions>>,
-    wait_for: Vec<TaskRunHandle>,
+    wait_for: Vec<TaskRun>,
+    value: PhantomData<fn() -> V>,
 }
 
-impl Task {
-    /// The task defined by `definition`, with its attribute's options.
+impl<V> Clone for Task<V> {
+    fn clone(&self) -> Self {
+        Self {
+            definition: self.definition,
+            options: self.options.clone(),
+            wait_for: self.wait_for.clone(),
+            value: PhantomData,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Task<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task").field("name", &self.definition.name).field("key", &self.definition.key).finish()
+    }
+}
+
+impl<V> Task<V> {
+    /// The task defined by `definition`, whose body produces a `V`, with its attribute's options.
     pub const fn new(definition: &'static TaskDefinition) -> Self {
-        Self { definition, options: None, wait_for: Vec::new() }
+        Self { definition, options: None, wait_for: Vec::new(), value: PhantomData }
     }
 
     /// The task's definition.
@@ -68,80 +88,90 @@ impl Task {
 
     /// Starts collecting the arguments of a `map`.
     pub fn mapping(&self) -> Mapping {
-        Mapping { task: self.clone(), columns: Vec::new() }
+        Mapping { definition: self.definition, columns: Vec::new() }
     }
 
-    /// Hands a run to the current flow's runner and returns its handle at once.
-    pub fn submit(&self, call: TaskCall) -> TaskRunHandle {
+    /// Hands a run to the current flow's runner and returns its future at once.
+    pub fn submit(&self, call: TaskCall) -> PrefectFuture<V> {
         let context = context::current_or_standalone();
-        match self.prepare(&context, call) {
+        let run = match self.prepare(&context, call) {
             Ok(spec) => {
-                let run = spec.run.clone();
+                let run = spec.run.run().clone();
                 context.runner.submit(spec);
                 run
             }
             Err(run) => run,
-        }
+        };
+        PrefectFuture::new(run)
     }
 
-    /// Runs a run now, on this thread, and returns its handle once it has finished.
-    pub fn run_inline(&self, call: TaskCall) -> TaskRunHandle {
+    /// Submits one run per element of the mapped arguments, zipped.
+    ///
+    /// # Panics
+    ///
+    /// If the mapped iterables have different lengths, or no parameter is mapped.
+    #[track_caller]
+    pub fn map(&self, mapping: Mapping) -> Vec<PrefectFuture<V>> {
+        let count = mapping.count();
         let context = context::current_or_standalone();
-        match self.prepare(&context, call) {
+        let mut runs = Vec::with_capacity(count);
+        let mut specs = Vec::with_capacity(count);
+        for call in mapping.calls(count) {
+            match self.prepare(&context, call) {
+                Ok(spec) => {
+                    runs.push(spec.run.run().clone());
+                    specs.push(spec);
+                }
+                Err(run) => runs.push(run),
+            }
+        }
+        // All at once, so a runner can send them together.
+        context.runner.submit_many(specs);
+        runs.into_iter().map(PrefectFuture::new).collect()
+    }
+
+    /// Runs a run now, on this thread, and returns its future once it has finished.
+    pub fn run_inline(&self, call: TaskCall) -> PrefectFuture<V> {
+        let context = context::current_or_standalone();
+        let run = match self.prepare(&context, call) {
             Ok(spec) => {
                 spec.dependencies().for_each(|run| {
                     run.wait(None);
                 });
-                task_engine::run_here(&spec);
-                spec.run
+                let run = spec.run.run().clone();
+                task_engine::run_here(spec);
+                run
             }
             Err(run) => run,
-        }
+        };
+        PrefectFuture::new(run)
     }
 
     /// Runs a run now, as a future that finishes with it.
-    pub fn run_inline_async(&self, call: TaskCall) -> impl Future<Output = TaskRunHandle> + Send + 'static {
+    pub fn run_inline_async(&self, call: TaskCall) -> impl Future<Output = PrefectFuture<V>> + Send + 'static
+    where
+        V: 'static,
+    {
         let context = context::current_or_standalone();
         let prepared = self.prepare(&context, call);
         async move {
             let spec = match prepared {
                 Ok(spec) => spec,
-                Err(run) => return run,
+                Err(run) => return PrefectFuture::new(run),
             };
             for run in spec.dependencies() {
                 context::Finished(run.clone()).await;
             }
-            if let Some(state) = spec.upstream_failure() {
-                spec.run.finish(state, None);
-                return spec.run;
-            }
-            let results = match spec.upstream_results() {
-                Ok(results) => results,
-                Err(error) => {
-                    spec.run.finish(State::not_ready(error.to_string()), None);
-                    return spec.run;
-                }
-            };
-            let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
-            let args: Vec<Vec<u8>> =
-                crate::args::assemble(&spec.args, &slices).into_iter().map(|arg| arg.into_owned()).collect();
-            let reporter = spec.run.clone();
-            let execution = task_engine::execute_async(
-                spec.run.task(),
-                args,
-                spec.options.clone(),
-                spec.run.span().clone(),
-                move |state| reporter.set_state(state),
-            )
-            .await;
-            spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
-            spec.run
+            let run = spec.run.run().clone();
+            task_engine::run_here_async(spec).await;
+            PrefectFuture::new(run)
         }
     }
 
     /// Creates the run: names it, registers it with the flow run, and describes it to
-    /// observers. A run whose arguments could not be serialized ends `Failed` at once.
-    fn prepare(&self, context: &Arc<FlowRunContext>, call: TaskCall) -> Result<TaskRunSpec, TaskRunHandle> {
+    /// observers. A run whose arguments could not be serialized, or whose options are out of
+    /// range, ends `Failed` at once.
+    fn prepare(&self, context: &Arc<FlowRunContext>, call: TaskCall) -> Result<TaskRunSpec, TaskRun> {
         let definition = self.definition;
         let mut options = self.options();
         crate::options::apply_remote_scopes(&mut options);
@@ -164,20 +194,23 @@ impl Task {
             retry_delay_seconds: options.retry_delay_seconds.clone(),
             created: Utc::now(),
         };
-        let run = TaskRunHandle::new(info, definition, &context.span);
+        let writer = TaskRunWriter::new(info, definition, &context.span, context.runner_name.clone());
         {
             let _entered = context.span.enter();
-            tracing::info!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", run.name(), definition.name);
+            tracing::info!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", writer.name(), definition.name);
         }
-        context.tracker.track(&run);
-        if let Some(error) = error {
-            run.finish(
-                State::failed(format!("could not send the arguments of task '{}': {error}", definition.name)),
-                None,
-            );
+        context.tracker.track(writer.run());
+        let refused = match (error, options.validate()) {
+            (Some(error), _) => Some(format!("could not send the arguments of task '{}': {error}", definition.name)),
+            (None, Err(error)) => Some(format!("invalid options for task '{}': {error}", definition.name)),
+            (None, Ok(())) => None,
+        };
+        if let Some(message) = refused {
+            let run = writer.run().clone();
+            writer.finish(State::failed(message), None);
             return Err(run);
         }
-        Ok(TaskRunSpec { run, args, upstreams, wait_for: self.wait_for.clone(), options })
+        Ok(TaskRunSpec { run: writer, args, upstreams, wait_for: self.wait_for.clone(), options })
     }
 }
 
@@ -185,10 +218,10 @@ impl Task {
 fn inputs(
     definition: &TaskDefinition,
     args: &[Arg],
-    upstreams: &[TaskRunHandle],
-    wait_for: &[TaskRunHandle],
+    upstreams: &[TaskRun],
+    wait_for: &[TaskRun],
 ) -> Vec<(String, Vec<Uuid>)> {
-    fn collect(arg: &Arg, upstreams: &[TaskRunHandle], out: &mut Vec<Uuid>) {
+    fn collect(arg: &Arg, upstreams: &[TaskRun], out: &mut Vec<Uuid>) {
         match arg {
             Arg::Value(_) => {}
             Arg::Upstream(index) => out.push(upstreams[*index].id()),
@@ -206,12 +239,13 @@ fn inputs(
         })
         .collect();
     if !wait_for.is_empty() {
-        inputs.push(("wait_for".to_owned(), wait_for.iter().map(TaskRunHandle::id).collect()));
+        inputs.push(("wait_for".to_owned(), wait_for.iter().map(TaskRun::id).collect()));
     }
     inputs
 }
 
 /// The arguments of one run, collected parameter by parameter.
+#[derive(Debug)]
 pub struct TaskCall {
     args: ArgsBuilder,
     descriptions: Vec<String>,
@@ -227,8 +261,9 @@ impl TaskCall {
 }
 
 /// The arguments of a `map`, collected parameter by parameter.
+#[derive(Debug)]
 pub struct Mapping {
-    task: Task,
+    definition: &'static TaskDefinition,
     columns: Vec<(&'static str, MapArg)>,
 }
 
@@ -244,12 +279,13 @@ impl Mapping {
         self.columns.push((parameter, argument.into_map_arg(show)));
     }
 
-    /// Submits one run per element, zipping the mapped parameters.
+    /// How many runs the map makes: the length of its iterables.
     ///
     /// # Panics
     ///
     /// If the mapped iterables have different lengths, or no parameter is mapped.
-    pub fn submit(self) -> Vec<TaskRunHandle> {
+    #[track_caller]
+    fn count(&self) -> usize {
         let lengths: Vec<(&str, usize)> = self
             .columns
             .iter()
@@ -261,15 +297,20 @@ impl Mapping {
         let Some(&(first, count)) = lengths.first() else {
             panic!(
                 "map of task '{}' got no iterable argument: pass at least one iterable, and wrap constants in unmapped(...)",
-                self.task.definition.name
+                self.definition.name
             );
         };
         if let Some(&(other, other_count)) = lengths.iter().find(|(_, len)| *len != count) {
             panic!(
                 "map of task '{}' got iterables of different lengths: '{first}' has {count} item(s) but '{other}' has {other_count}; pass iterables of equal length, or wrap constants in unmapped(...)",
-                self.task.definition.name
+                self.definition.name
             );
         }
+        count
+    }
+
+    /// The arguments of each of the `count` runs, zipping the mapped parameters.
+    fn calls(self, count: usize) -> impl Iterator<Item = TaskCall> {
         let mut columns: Vec<_> = self
             .columns
             .into_iter()
@@ -278,11 +319,8 @@ impl Mapping {
                 MapArg::Shared(piece, description) => (parameter, Ok((piece, description))),
             })
             .collect();
-        let context = context::current_or_standalone();
-        let mut runs = Vec::with_capacity(count);
-        let mut specs = Vec::with_capacity(count);
-        for _ in 0..count {
-            let mut call = self.task.call();
+        (0..count).map(move |_| {
+            let mut call = TaskCall { args: ArgsBuilder::default(), descriptions: Vec::with_capacity(columns.len()) };
             for (parameter, column) in &mut columns {
                 let (piece, description) = match column {
                     Ok((piece, description)) => (piece.clone(), description.clone()),
@@ -291,17 +329,8 @@ impl Mapping {
                 call.descriptions.push(description);
                 call.args.push(parameter, piece);
             }
-            match self.task.prepare(&context, call) {
-                Ok(spec) => {
-                    runs.push(spec.run.clone());
-                    specs.push(spec);
-                }
-                Err(run) => runs.push(run),
-            }
-        }
-        // All at once, so a runner can send them together.
-        context.runner.submit_many(specs);
-        runs
+            call
+        })
     }
 }
 
@@ -309,41 +338,42 @@ impl Mapping {
 /// of them, or a tuple of any of those (futures of different types).
 pub trait WaitFor {
     /// Adds the runs behind these futures to `runs`.
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>);
+    #[doc(hidden)]
+    fn add_to(self, runs: &mut Vec<TaskRun>);
 }
 
 impl<T> WaitFor for PrefectFuture<T> {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
-        runs.push(self.handle().clone());
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
+        runs.push(self.task_run().clone());
     }
 }
 
 impl<T> WaitFor for &PrefectFuture<T> {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
-        runs.push(self.handle().clone());
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
+        runs.push(self.task_run().clone());
     }
 }
 
 impl<T> WaitFor for &[PrefectFuture<T>] {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
-        runs.extend(self.iter().map(|future| future.handle().clone()));
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
+        runs.extend(self.iter().map(|future| future.task_run().clone()));
     }
 }
 
 impl<T> WaitFor for &Vec<PrefectFuture<T>> {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
         self.as_slice().add_to(runs);
     }
 }
 
 impl<T> WaitFor for Vec<PrefectFuture<T>> {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
         self.as_slice().add_to(runs);
     }
 }
 
 impl<W: WaitFor, const N: usize> WaitFor for [W; N] {
-    fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+    fn add_to(self, runs: &mut Vec<TaskRun>) {
         self.into_iter().for_each(|w| w.add_to(runs));
     }
 }
@@ -352,7 +382,7 @@ macro_rules! wait_for_tuples {
     ($(($($name:ident),+))*) => {$(
         impl<$($name: WaitFor),+> WaitFor for ($($name,)+) {
             #[allow(non_snake_case)]
-            fn add_to(self, runs: &mut Vec<TaskRunHandle>) {
+            fn add_to(self, runs: &mut Vec<TaskRun>) {
                 let ($($name,)+) = self;
                 $($name.add_to(runs);)+
             }

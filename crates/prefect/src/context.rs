@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use crate::observe::FlowRunInfo;
 use crate::runner::TaskRunner;
-use crate::task_run::{TaskRunHandle, WeakTaskRun};
+use crate::task_run::{TaskRun, WeakTaskRun};
 use crate::thread_pool::ThreadPoolTaskRunner;
 
 /// A flow run in progress: its runner and the task runs it created.
@@ -21,13 +21,16 @@ pub(crate) struct FlowRunContext {
     pub(crate) info: Option<FlowRunInfo>,
     pub(crate) span: tracing::Span,
     pub(crate) runner: Arc<dyn TaskRunner>,
+    /// The runner's name, for the messages of runs it loses.
+    pub(crate) runner_name: Arc<str>,
     pub(crate) tracker: Arc<RunTracker>,
     dynamic_keys: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl FlowRunContext {
     pub(crate) fn new(info: Option<FlowRunInfo>, span: tracing::Span, runner: Arc<dyn TaskRunner>) -> Self {
-        Self { info, span, runner, tracker: Arc::default(), dynamic_keys: Mutex::default() }
+        let runner_name = runner.name().into();
+        Self { info, span, runner, runner_name, tracker: Arc::default(), dynamic_keys: Mutex::default() }
     }
 
     /// "0", "1", ...: which run of the task this is within the flow run.
@@ -106,7 +109,7 @@ struct Tracked {
 }
 
 impl RunTracker {
-    pub(crate) fn track(self: &Arc<Self>, run: &TaskRunHandle) {
+    pub(crate) fn track(self: &Arc<Self>, run: &TaskRun) {
         {
             let mut tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if tracked.runs.len() == tracked.runs.capacity() && tracked.runs.len() >= 1024 {
@@ -136,7 +139,7 @@ impl RunTracker {
     /// Waits, without blocking the thread, until every tracked run has finished.
     pub(crate) async fn wait_idle_async(&self) {
         loop {
-            let unfinished: Vec<TaskRunHandle> = {
+            let unfinished: Vec<TaskRun> = {
                 let tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 if tracked.unfinished == 0 {
                     return;
@@ -153,14 +156,14 @@ impl RunTracker {
     }
 
     /// The runs that futures still refer to: those the flow returned or kept.
-    pub(crate) fn live_runs(&self) -> Vec<TaskRunHandle> {
+    pub(crate) fn live_runs(&self) -> Vec<TaskRun> {
         let tracked = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        tracked.runs.iter().filter_map(WeakTaskRun::upgrade).filter(TaskRunHandle::has_futures).collect()
+        tracked.runs.iter().filter_map(WeakTaskRun::upgrade).filter(TaskRun::has_futures).collect()
     }
 }
 
 /// Resolves when a task run has finished.
-pub(crate) struct Finished(pub(crate) TaskRunHandle);
+pub(crate) struct Finished(pub(crate) TaskRun);
 
 impl Future for Finished {
     type Output = ();

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::context::Finished;
 use crate::error::TaskError;
 use crate::state::State;
-use crate::task_run::TaskRunHandle;
+use crate::task_run::TaskRun;
 
 /// The future value of a task run, of type `T`: what `task.submit(...)` returns.
 ///
@@ -43,13 +43,13 @@ use crate::task_run::TaskRunHandle;
 /// assert_eq!(sums().unwrap(), 3);
 /// ```
 pub struct PrefectFuture<T> {
-    run: TaskRunHandle,
+    run: TaskRun,
     value: PhantomData<fn() -> T>,
 }
 
 impl<T> Clone for PrefectFuture<T> {
     fn clone(&self) -> Self {
-        Self::from_handle(self.run.clone())
+        Self::new(self.run.clone())
     }
 }
 
@@ -66,14 +66,15 @@ impl<T> std::fmt::Debug for PrefectFuture<T> {
 }
 
 impl<T> PrefectFuture<T> {
-    /// The future of the run behind `run`; its task must return `T`.
-    pub fn from_handle(run: TaskRunHandle) -> Self {
+    /// The future of `run`, whose task returns `T`: only the engine makes futures, from the
+    /// typed task that submitted the run.
+    pub(crate) fn new(run: TaskRun) -> Self {
         run.future_created();
         Self { run, value: PhantomData }
     }
 
-    /// The handle of the run, shared with its runner.
-    pub fn handle(&self) -> &TaskRunHandle {
+    /// A read-only view of the task run.
+    pub fn task_run(&self) -> &TaskRun {
         &self.run
     }
 
@@ -108,9 +109,9 @@ impl<T: DeserializeOwned> PrefectFuture<T> {
     /// not complete, or if its value cannot be fetched or decoded as a `T`.
     pub fn result(&self) -> Result<T, TaskError> {
         let bytes = self.run.result_bytes()?;
-        rmp_serde::from_slice(&bytes).map_err(|error| TaskError::ResultUnavailable {
-            task_run: self.run.name().to_owned(),
-            message: format!("its value does not decode as `{}`: {error}", std::any::type_name::<T>()),
+        rmp_serde::from_slice(&bytes).map_err(|error| {
+            let message = format!("its value does not decode as `{}`: {error}", std::any::type_name::<T>());
+            TaskError::result_unavailable(self.run.name(), message, Some(Box::new(error)))
         })
     }
 }
@@ -202,6 +203,7 @@ pub fn as_completed<T: 'static>(futures: impl IntoIterator<Item = PrefectFuture<
 }
 
 /// The iterator of [`as_completed`].
+#[derive(Debug)]
 pub struct AsCompleted<T> {
     receiver: mpsc::Receiver<PrefectFuture<T>>,
     pending: usize,

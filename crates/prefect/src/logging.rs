@@ -184,6 +184,7 @@ pub fn layer<S: Subscriber + for<'a> LookupSpan<'a>>() -> impl Layer<S> {
 }
 
 /// Prefect's console format: `HH:MM:SS.mmm | LEVEL   | Task run 'name' - message`.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct PrefectFormat;
 
 impl<S, N> FormatEvent<S, N> for PrefectFormat

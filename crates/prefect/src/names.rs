@@ -83,7 +83,7 @@ const ANIMALS: &[&str] = &[
 /// let name = prefect::names::generate();
 /// assert_eq!(name.split('-').count(), 2);
 /// ```
-pub fn generate() -> String {
+pub(crate) fn generate() -> String {
     let pick = |words: &[&'static str]| words[rand::random_range(0..words.len())];
     format!("{}-{}", pick(ADJECTIVES), pick(ANIMALS))
 }

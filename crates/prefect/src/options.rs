@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::error::OptionsError;
+
 /// How a task's runs behave: retries, timeouts, tags, and the resources it asks of a runner.
 ///
 /// `#[task(...)]` sets these for every run of a task; `task.with_options(...)` changes them
@@ -86,9 +88,38 @@ impl TaskOptions {
         self
     }
 
-    /// The timeout of one attempt, if any.
+    /// Checks that every number is in range: what the engine does before a run is created,
+    /// and an executor before it runs one.
+    ///
+    /// # Errors
+    ///
+    /// The first option out of range: a timeout that is not a positive, finite number of
+    /// seconds; a negative, NaN or infinite retry delay or jitter factor.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use prefect::{OptionsError, TaskOptions};
+    ///
+    /// assert_eq!(TaskOptions::default().timeout_seconds(-1.0).validate(), Err(OptionsError::Timeout(-1.0)));
+    /// assert!(TaskOptions::default().retry_delay_seconds([0.0, 2.5]).validate().is_ok());
+    /// ```
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if let Some(timeout) = self.timeout_seconds.filter(|t| !is_positive_seconds(*t)) {
+            return Err(OptionsError::Timeout(timeout));
+        }
+        if let Some(delay) = self.retry_delay_seconds.iter().find(|d| !is_seconds(**d)) {
+            return Err(OptionsError::RetryDelay(*delay));
+        }
+        if let Some(factor) = self.retry_jitter_factor.filter(|f| !is_seconds(*f)) {
+            return Err(OptionsError::Jitter(factor));
+        }
+        Ok(())
+    }
+
+    /// The timeout of one attempt, if any (a timeout too long to represent is none).
     pub fn timeout(&self) -> Option<Duration> {
-        self.timeout_seconds.map(Duration::from_secs_f64)
+        self.timeout_seconds.and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
     }
 
     /// How long to wait before retry number `retry` (1 for the first retry), jitter included.
@@ -99,7 +130,27 @@ impl TaskOptions {
             Some(factor) if factor > 0.0 && base > 0.0 => clamped_poisson_interval(base, factor),
             _ => base,
         };
-        Duration::from_secs_f64(seconds)
+        seconds_duration(seconds)
+    }
+}
+
+/// Whether `seconds` is a finite number of seconds, zero or more.
+fn is_seconds(seconds: f64) -> bool {
+    seconds.is_finite() && seconds >= 0.0
+}
+
+/// Whether `seconds` is a finite number of seconds above zero.
+fn is_positive_seconds(seconds: f64) -> bool {
+    seconds.is_finite() && seconds > 0.0
+}
+
+/// `seconds` as a duration, never panicking: NaN and negatives are zero, and more than a
+/// duration can hold is the longest one.
+pub(crate) fn seconds_duration(seconds: f64) -> Duration {
+    if seconds.is_nan() || seconds <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
     }
 }
 
@@ -199,9 +250,57 @@ pub struct FlowOptions {
     pub timeout_seconds: Option<f64>,
 }
 
+impl FlowOptions {
+    /// Checks that every number is in range, as [`TaskOptions::validate`] does.
+    ///
+    /// # Errors
+    ///
+    /// The first option out of range.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if let Some(timeout) = self.timeout_seconds.filter(|t| !is_positive_seconds(*t)) {
+            return Err(OptionsError::Timeout(timeout));
+        }
+        if !is_seconds(self.retry_delay_seconds) {
+            return Err(OptionsError::RetryDelay(self.retry_delay_seconds));
+        }
+        Ok(())
+    }
+
+    /// The timeout of the flow function, if any (a timeout too long to represent is none).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_seconds.and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+    }
+
+    /// How long to wait before running a failed flow again.
+    pub fn retry_delay(&self) -> Duration {
+        seconds_duration(self.retry_delay_seconds)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_numbers_are_refused_and_never_panic() {
+        for bad in [-1.0, 0.0, f64::NAN, f64::INFINITY] {
+            let task = TaskOptions::default().timeout_seconds(bad);
+            assert!(matches!(task.validate(), Err(OptionsError::Timeout(_))), "{bad}");
+            let flow = FlowOptions { timeout_seconds: Some(bad), ..FlowOptions::default() };
+            assert!(matches!(flow.validate(), Err(OptionsError::Timeout(_))), "{bad}");
+        }
+        for bad in [-0.5, f64::NAN, f64::NEG_INFINITY] {
+            let delays = TaskOptions::default().retry_delay_seconds([1.0, bad]);
+            assert!(matches!(delays.validate(), Err(OptionsError::RetryDelay(_))), "{bad}");
+            let jitter = TaskOptions::default().retry_jitter_factor(bad);
+            assert!(matches!(jitter.validate(), Err(OptionsError::Jitter(_))), "{bad}");
+        }
+        let wild =
+            TaskOptions { timeout_seconds: Some(-3.0), retry_delay_seconds: vec![f64::NAN], ..TaskOptions::default() };
+        assert_eq!(wild.timeout(), None);
+        assert_eq!(wild.retry_delay(1), Duration::ZERO);
+        assert_eq!(TaskOptions::default().retry_delay_seconds([1e300]).retry_delay(1), Duration::MAX);
+    }
 
     #[test]
     fn retry_delays_use_the_last_value_for_later_retries() {

@@ -31,14 +31,16 @@ pub enum TaskBody {
 
 /// Everything the engine knows about a task, independent of any one run.
 ///
-/// `#[task]` generates one per task function and registers it in [`TASKS`].
+/// `#[task]` generates one per task function and registers it in the program's registry,
+/// where [`lookup`] finds it by key.
 /// A body takes one MessagePack value per parameter; its value is the MessagePack encoding
 /// of the task's value (the `Ok` value for a task that returns `Result`).
 #[derive(Debug)]
 pub struct TaskDefinition {
     /// The task's display name: the function's name unless `#[task(name = ...)]` says otherwise.
     pub name: &'static str,
-    /// The stable key the task is registered under: `module::path::function`.
+    /// The key the task is registered under: `module::path::function@line:column`. The
+    /// place keeps apart two tasks of the same name in different functions of one module.
     pub key: &'static str,
     /// A hash of the task's source. An executor refuses to run a task whose fingerprint
     /// differs from the caller's, so a stale binary never runs changed code.
@@ -57,7 +59,23 @@ pub struct TaskDefinition {
 #[linkme::distributed_slice]
 pub static TASKS: [TaskDefinition];
 
-/// The task registered under `key`, if this binary has one.
+/// Why [`lookup`] found no task to run.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum LookupError {
+    /// No task of this binary has the key: the caller was built from other code.
+    #[error("task '{0}' is not in this binary: it was built from other code; rebuild, and run the flow again")]
+    Missing(String),
+    /// Two tasks share the key (the same `#[task]` expanded twice by one `macro_rules!`).
+    #[error("two tasks of this binary are registered as '{0}'; give one of them another name")]
+    Ambiguous(String),
+}
+
+/// The task registered under `key` in this binary.
+///
+/// # Errors
+///
+/// If no task has the key, or more than one has.
 ///
 /// # Examples
 ///
@@ -67,11 +85,22 @@ pub static TASKS: [TaskDefinition];
 ///     x * 2
 /// }
 ///
-/// let definition = prefect::registry::lookup(double.key()).expect("registered");
+/// let definition = prefect::runner::lookup(double.key()).expect("registered");
 /// assert_eq!(definition.name, "double");
 /// assert_eq!(definition.parameters, ["x"]);
 /// ```
-pub fn lookup(key: &str) -> Option<&'static TaskDefinition> {
-    static INDEX: OnceLock<HashMap<&'static str, &'static TaskDefinition>> = OnceLock::new();
-    INDEX.get_or_init(|| TASKS.iter().map(|task| (task.key, task)).collect()).get(key).copied()
+pub fn lookup(key: &str) -> Result<&'static TaskDefinition, LookupError> {
+    static INDEX: OnceLock<HashMap<&'static str, Option<&'static TaskDefinition>>> = OnceLock::new();
+    let index = INDEX.get_or_init(|| {
+        let mut index = HashMap::with_capacity(TASKS.len());
+        for task in TASKS.iter() {
+            index.entry(task.key).and_modify(|known| *known = None).or_insert(Some(task));
+        }
+        index
+    });
+    match index.get(key) {
+        Some(Some(task)) => Ok(task),
+        Some(None) => Err(LookupError::Ambiguous(key.to_owned())),
+        None => Err(LookupError::Missing(key.to_owned())),
+    }
 }

@@ -1,43 +1,50 @@
-//! The contract between the engine and task runners.
+//! What a task runner author needs: the contract between the engine and runners, and the
+//! pieces for executing a task in another process.
 //!
 //! The engine creates each task run, serializes its arguments, and hands a [`TaskRunSpec`] to
 //! the flow's runner. The runner decides where and when the run executes, and reports back
-//! through the spec's [`TaskRunHandle`]. A runner that executes tasks in another process has
-//! everything it needs in the spec: the task's registered key and fingerprint, the
-//! serialized arguments, the upstream runs whose results fill argument slots, the runs to
-//! wait for, and the options (retries, timeout, remote options). There, [`execute`] runs the
-//! task from nothing but those.
+//! through the spec's [`TaskRunWriter`], the one handle that can write the run's states: it
+//! ends the run with [`finish`](TaskRunWriter::finish), and if it is dropped without, the run
+//! ends `Crashed`. So every submitted run ends exactly once, whatever happens to the runner.
 //!
-//! [`execute`]: crate::task_engine::execute
-
-use std::error::Error;
+//! A runner that executes tasks in another process has everything it needs in the spec: the
+//! task's registered key and fingerprint ([`TaskDefinition`]), the serialized arguments
+//! ([`Arg`]), the upstream runs whose results fill argument slots, the runs to wait for, and
+//! the options (retries, timeout, remote options). There, [`lookup`] finds the task by its
+//! key, [`assemble`] builds its input, and [`execute`] runs it.
 
 use std::sync::Arc;
 
-use crate::args::Arg;
+pub use crate::error::{BoxError, TaskFailure};
+pub use crate::observe::{FlowRunInfo, SubflowParent, TaskRunInfo};
+pub use crate::options::{with_remote_options, with_remote_options_async};
+pub use crate::registry::{BodyFuture, LookupError, SyncBody, TaskBody, TaskDefinition, lookup};
+pub use crate::task_engine::{Execution, abandoned_attempts_running, execute, run_here};
+pub use crate::task_run::{RemoteResult, ResultData, TaskRun, TaskRunWriter};
+pub use crate::wire::{Arg, Arguments, assemble};
+
 use crate::error::TaskError;
-use crate::observe::FlowRunInfo;
 use crate::options::TaskOptions;
 use crate::state::State;
-use crate::task_run::TaskRunHandle;
 
 /// Everything needed to execute one task run, here or anywhere.
+#[derive(Debug)]
 pub struct TaskRunSpec {
-    /// The run: its id, name and task; report its states here.
-    pub run: TaskRunHandle,
+    /// The run's write handle: report its states here, and end it.
+    pub run: TaskRunWriter,
     /// One argument per task parameter, in order.
     pub args: Vec<Arg>,
     /// The runs whose results fill [`Arg::Upstream`] slots, by index.
-    pub upstreams: Vec<TaskRunHandle>,
+    pub upstreams: Vec<TaskRun>,
     /// Runs that must finish first, whose values the task does not take.
-    pub wait_for: Vec<TaskRunHandle>,
+    pub wait_for: Vec<TaskRun>,
     /// Retries, timeout, tags and remote options of this run.
     pub options: TaskOptions,
 }
 
 impl TaskRunSpec {
     /// Every run this one depends on: upstreams, then wait-fors.
-    pub fn dependencies(&self) -> impl Iterator<Item = &TaskRunHandle> {
+    pub fn dependencies(&self) -> impl Iterator<Item = &TaskRun> {
         self.upstreams.iter().chain(&self.wait_for)
     }
 
@@ -48,13 +55,13 @@ impl TaskRunSpec {
     }
 
     /// The upstream runs' serialized results, fetched into this process; with them,
-    /// [`assemble`](crate::args::assemble) builds the arguments.
+    /// [`assemble`] builds the arguments.
     ///
     /// # Errors
     ///
     /// If an upstream result is unavailable.
     pub fn upstream_results(&self) -> Result<Vec<Arc<Vec<u8>>>, TaskError> {
-        self.upstreams.iter().map(TaskRunHandle::result_bytes).collect()
+        self.upstreams.iter().map(TaskRun::result_bytes).collect()
     }
 }
 
@@ -63,24 +70,27 @@ pub fn not_ready(upstream: &str, state: &State) -> State {
     State::not_ready(format!("Upstream task run '{upstream}' did not reach a 'COMPLETED' state: {state}"))
 }
 
-/// Why a runner could not start, in a line that says what to do.
-pub type RunnerError = Box<dyn Error + Send + Sync>;
+/// Why a runner could not start, as the runner's own error type: the flow's
+/// [`FlowError::RunnerStart`](crate::FlowError::RunnerStart) keeps it, so a caller can
+/// downcast it.
+pub type RunnerError = BoxError;
 
 /// Executes task runs for a flow run: on threads, on a cluster, anywhere.
 ///
 /// A flow calls [`start`](Self::start) when its run begins, [`submit`](Self::submit) for every
-/// task run, and [`stop`](Self::stop) once all of them have finished. A runner must finish
-/// every submitted run exactly once through its handle, in some final state, even when
-/// its infrastructure fails (then the state is `Crashed`).
+/// task run, and [`stop`](Self::stop) once all of them have finished. Each run comes with its
+/// [`TaskRunWriter`]; the runner ends the run through it, in some final state, even when its
+/// infrastructure fails (then the state is `Crashed`). A writer the runner drops ends its run
+/// `Crashed` by itself, so a runner bug never leaves a flow waiting.
 ///
 /// # Examples
 ///
 /// A runner that executes each run on the submitting thread, after its dependencies:
 ///
 /// ```
-/// use prefect::runner::{TaskRunner, TaskRunSpec, RunnerError};
-/// use prefect::observe::FlowRunInfo;
+/// use prefect::runner::{FlowRunInfo, RunnerError, TaskRunSpec, TaskRunner};
 ///
+/// #[derive(Debug)]
 /// struct Inline;
 ///
 /// impl TaskRunner for Inline {
@@ -92,7 +102,7 @@ pub type RunnerError = Box<dyn Error + Send + Sync>;
 ///     }
 ///     fn submit(&self, spec: TaskRunSpec) {
 ///         spec.dependencies().for_each(|run| { run.wait(None); });
-///         prefect::task_engine::run_here(&spec);
+///         prefect::runner::run_here(spec);
 ///     }
 ///     fn stop(&self) {}
 /// }
@@ -117,7 +127,8 @@ pub trait TaskRunner: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// If the runner cannot run tasks; the flow run then ends `Crashed` with this message.
+    /// If the runner cannot run tasks; the flow run then ends `Crashed`, and the caller gets
+    /// this error inside [`FlowError::RunnerStart`](crate::FlowError::RunnerStart).
     fn start(&self, flow_run: &FlowRunInfo) -> Result<(), RunnerError>;
 
     /// Takes a task run. It must not run before its dependencies have finished, and must

@@ -156,7 +156,7 @@ impl State {
 
     /// `TimedOut`: a `Failed` state for a run that overran its timeout.
     pub fn timed_out(message: impl Into<String>) -> Self {
-        Self::failed(message).named("TimedOut")
+        Self::failed(message).named(TIMED_OUT)
     }
 
     /// `Crashed`, with the reason.
@@ -208,7 +208,15 @@ impl State {
     pub fn is_scheduled(&self) -> bool {
         self.state_type == StateType::Scheduled
     }
+
+    /// Whether this is a `TimedOut` state: a `Failed` one for a run that overran its timeout.
+    pub fn is_timed_out(&self) -> bool {
+        self.state_type == StateType::Failed && self.name == TIMED_OUT
+    }
 }
+
+/// The name of a `Failed` state for a run that overran its timeout.
+const TIMED_OUT: &str = "TimedOut";
 
 /// Prefect's notation: `Completed()`, `Failed('boom')`, `Retrying(type=RUNNING)`.
 impl fmt::Display for State {

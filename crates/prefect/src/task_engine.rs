@@ -3,24 +3,22 @@
 //! The same loop runs a task on a thread-pool worker, in a direct call, and in a Ray
 //! executor on another machine, so a task behaves the same wherever it runs.
 
-use std::any::Any;
 use std::borrow::Cow;
-use std::cell::{Cell, RefCell};
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::{Arc, Once, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
 use chrono::Utc;
 use tracing::{Instrument, Span};
 
-use crate::args::assemble;
 use crate::error::TaskFailure;
 use crate::options::TaskOptions;
+use crate::panic::{PanicAware, catch_task_panic, install_panic_hook, panic_failure};
 use crate::registry::{TaskBody, TaskDefinition};
 use crate::runner::TaskRunSpec;
 use crate::state::State;
 use crate::task_run::ResultData;
+use crate::wire::assemble;
 
 /// How a task run ended after all its attempts.
 #[derive(Debug)]
@@ -31,9 +29,15 @@ pub struct Execution {
     pub result: Option<Vec<u8>>,
 }
 
-/// Executes a task run on this thread once its dependencies have finished, and finishes its
-/// handle: the whole job of a runner that executes in this process.
-pub fn run_here(spec: &TaskRunSpec) {
+impl Execution {
+    fn refused(message: String) -> Self {
+        Self { state: State::failed(message), result: None }
+    }
+}
+
+/// Executes a task run on this thread once its dependencies have finished, and finishes it:
+/// the whole job of a runner that executes in this process.
+pub fn run_here(spec: TaskRunSpec) {
     if let Some(state) = spec.upstream_failure() {
         spec.run.finish(state, None);
         return;
@@ -52,13 +56,36 @@ pub fn run_here(spec: &TaskRunSpec) {
     spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 
+/// [`run_here`] for async code: the run's attempts and delays run on the engine's runtime.
+pub(crate) async fn run_here_async(spec: TaskRunSpec) {
+    if let Some(state) = spec.upstream_failure() {
+        spec.run.finish(state, None);
+        return;
+    }
+    let results = match spec.upstream_results() {
+        Ok(results) => results,
+        Err(error) => {
+            spec.run.finish(State::not_ready(error.to_string()), None);
+            return;
+        }
+    };
+    let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
+    let args: Vec<Vec<u8>> = assemble(&spec.args, &slices).into_iter().map(Cow::into_owned).collect();
+    let TaskRunSpec { run, options, .. } = spec;
+    let view = run.run().clone();
+    let execution =
+        execute_async(run.task(), args, options, run.span().clone(), move |state| view.enter_state(state)).await;
+    run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
+}
+
 /// Runs every attempt of a task run on this thread, reporting each intermediate state
 /// (`Running`, `AwaitingRetry`, `Retrying`) through `report`; returns the final one.
 ///
 /// A sync task runs on this thread, or, when it has a timeout, on a thread of its own that
 /// is abandoned if it overruns: Rust cannot stop a thread, so it runs on until its code
 /// returns, and its value is dropped. An async task runs on the engine's tokio runtime and
-/// is cancelled (dropped at its next `.await`) when it overruns.
+/// is cancelled (dropped at its next `.await`) when it overruns. Options out of range fail
+/// the run before it starts.
 pub fn execute(
     task: &'static TaskDefinition,
     args: &[Cow<'_, [u8]>],
@@ -66,6 +93,9 @@ pub fn execute(
     span: &Span,
     report: &mut dyn FnMut(State),
 ) -> Execution {
+    if let Err(error) = options.validate() {
+        return Execution::refused(format!("invalid options for task '{}': {error}", task.name));
+    }
     install_panic_hook();
     let borrowed: Vec<&[u8]> = args.iter().map(|arg| arg.as_ref()).collect();
     // An attempt on a thread of its own (one with a timeout) needs arguments it can keep.
@@ -99,13 +129,16 @@ pub fn execute(
 
 /// [`execute`] for async code: every attempt and delay runs on the engine's runtime, so the
 /// caller may await it from any executor.
-pub async fn execute_async(
+pub(crate) async fn execute_async(
     task: &'static TaskDefinition,
     args: Vec<Vec<u8>>,
     options: TaskOptions,
     span: Span,
     mut report: impl FnMut(State) + Send + 'static,
 ) -> Execution {
+    if let Err(error) = options.validate() {
+        return Execution::refused(format!("invalid options for task '{}': {error}", task.name));
+    }
     install_panic_hook();
     let args = Arc::new(args);
     let job = async move {
@@ -201,7 +234,7 @@ impl<'a> Retries<'a> {
 }
 
 /// The message of a task run that overran its timeout.
-pub fn timeout_message(limit: Duration) -> String {
+pub(crate) fn timeout_message(limit: Duration) -> String {
     format!("Task run exceeded timeout of {} second(s)", seconds_text(limit))
 }
 
@@ -280,7 +313,7 @@ pub fn abandoned_attempts_running() -> bool {
 }
 
 /// The engine's tokio runtime, for async tasks.
-pub fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -289,93 +322,4 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("the engine could not start its tokio runtime")
     })
-}
-
-thread_local! {
-    static IN_TASK: Cell<bool> = const { Cell::new(false) };
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Routes panics inside tasks to the task run's state instead of stderr; other panics go
-/// to the hook that was installed before.
-pub(crate) fn install_panic_hook() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            if IN_TASK.with(Cell::get) {
-                let message = payload_message(info.payload());
-                let located = match info.location() {
-                    Some(at) => {
-                        format!("{message} (at {}:{}:{})", at.file(), at.line(), at.column())
-                    }
-                    None => message,
-                };
-                LAST_PANIC.with(|last| *last.borrow_mut() = Some(located));
-            } else {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// Marks this thread as running task code until dropped, also when a panic unwinds.
-pub(crate) struct InTask(bool);
-
-impl InTask {
-    pub(crate) fn enter() -> Self {
-        Self(IN_TASK.with(|flag| flag.replace(true)))
-    }
-}
-
-impl Drop for InTask {
-    fn drop(&mut self) {
-        IN_TASK.with(|flag| flag.set(self.0));
-    }
-}
-
-fn catch_task_panic(body: impl FnOnce() -> Result<Vec<u8>, TaskFailure>) -> Result<Vec<u8>, TaskFailure> {
-    catch_panic(body).unwrap_or_else(|message| Err(TaskFailure::retryable(format!("Task run panicked: {message}"))))
-}
-
-/// Runs `body`, turning a panic into its message and location instead of printing it.
-pub fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, String> {
-    install_panic_hook();
-    let outcome = {
-        let _in_task = InTask::enter();
-        panic::catch_unwind(AssertUnwindSafe(body))
-    };
-    outcome.map_err(panic_message)
-}
-
-/// The message of a panic caught on this thread, with its location when the hook saw it.
-pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    LAST_PANIC.with(|last| last.borrow_mut().take()).unwrap_or_else(|| payload_message(payload.as_ref()))
-}
-
-fn panic_failure(payload: Box<dyn Any + Send>) -> TaskFailure {
-    TaskFailure::retryable(format!("Task run panicked: {}", panic_message(payload)))
-}
-
-fn payload_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic with a non-text payload".to_owned()
-    }
-}
-
-/// Marks the thread as running task code while the future is polled, so the panic hook
-/// attributes a panic to the task.
-pub(crate) struct PanicAware<F>(pub(crate) F);
-
-impl<F: std::future::Future + Unpin> std::future::Future for PanicAware<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        let _in_task = InTask::enter();
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
 }

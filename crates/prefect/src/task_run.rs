@@ -1,4 +1,12 @@
-//! The record of one task run, shared by the engine, its runner and its futures.
+//! The record of one task run: a read-only view for futures and user code, and one write
+//! handle for the runner that executes it.
+//!
+//! "Every submitted run ends exactly once" holds by construction: the only way to write a
+//! run's states is its [`TaskRunWriter`], which is not `Clone`, which the engine creates once
+//! per run and hands to the runner, and whose [`finish`](TaskRunWriter::finish) consumes it.
+//! A writer dropped without finishing (a runner bug, a thread that panicked, a queue dropped
+//! with the process that served it) ends its run `Crashed`, naming the runner, so nobody
+//! waits forever for a run that nobody holds.
 
 use std::any::Any;
 use std::fmt;
@@ -24,6 +32,15 @@ pub enum ResultData {
     Remote(Arc<dyn RemoteResult>),
 }
 
+impl fmt::Debug for ResultData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inline(bytes) => f.debug_tuple("Inline").field(&format_args!("{} bytes", bytes.len())).finish(),
+            Self::Remote(_) => f.write_str("Remote"),
+        }
+    }
+}
+
 /// A result kept outside this process by a runner.
 pub trait RemoteResult: Send + Sync {
     /// Brings the serialized value into this process.
@@ -34,7 +51,7 @@ pub trait RemoteResult: Send + Sync {
     fn fetch(&self) -> Result<Vec<u8>, String>;
 }
 
-type Callback = Box<dyn FnOnce(&TaskRunHandle) + Send>;
+type Callback = Box<dyn FnOnce(&TaskRun) + Send>;
 
 struct Progress {
     state: State,
@@ -48,7 +65,7 @@ struct Progress {
     runner_data: Option<Arc<dyn Any + Send + Sync>>,
 }
 
-struct TaskRun {
+struct Inner {
     info: TaskRunInfo,
     /// How many `PrefectFuture`s refer to the run: a flow's returned futures are those
     /// still alive once its function has returned.
@@ -59,51 +76,20 @@ struct TaskRun {
     finished: Condvar,
 }
 
-/// A shared handle to one task run: the engine creates it, the runner reports the run's
-/// states into it, and futures wait on it.
+/// A read-only view of one task run: its identity, its state, and a way to wait for it.
 ///
-/// A runner calls [`set_state`](Self::set_state) for each state the run passes through and
-/// [`finish`](Self::finish) once, with the final state and, for a completed run, where its
-/// value is. Everything else (logging, reporting to a Prefect server, waking waiters and
-/// dependent runs) follows from those two calls.
+/// Futures, user code and runners looking at the runs a run depends on all get this view;
+/// only the run's [`TaskRunWriter`] changes it. Cloning is cheap: every clone is the same run.
 #[derive(Clone)]
-pub struct TaskRunHandle(Arc<TaskRun>);
+pub struct TaskRun(Arc<Inner>);
 
-impl fmt::Debug for TaskRunHandle {
+impl fmt::Debug for TaskRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskRun").field("name", &self.name()).field("state", &self.state()).finish()
     }
 }
 
-impl TaskRunHandle {
-    pub(crate) fn new(info: TaskRunInfo, task: &'static TaskDefinition, parent: &tracing::Span) -> Self {
-        let span = tracing::info_span!(parent: parent, "task_run", name = %info.name, id = %info.id);
-        let state = State::pending();
-        observe::task_run_created(&info, &state);
-        Self(Arc::new(TaskRun {
-            info,
-            futures: AtomicUsize::new(0),
-            task,
-            span,
-            progress: Mutex::new(Progress {
-                state,
-                finished: false,
-                result: None,
-                run_count: 0,
-                start_time: None,
-                end_time: None,
-                callbacks: Vec::new(),
-                wakers: Vec::new(),
-                runner_data: None,
-            }),
-            finished: Condvar::new(),
-        }))
-    }
-
-    fn progress(&self) -> MutexGuard<'_, Progress> {
-        self.0.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
+impl TaskRun {
     /// The task run's id.
     pub fn id(&self) -> Uuid {
         self.0.info.id
@@ -150,59 +136,9 @@ impl TaskRunHandle {
         self.progress().finished
     }
 
-    /// Moves the run to an intermediate state (`Running`, `AwaitingRetry`, ...).
-    /// Ignored once the run has finished.
-    pub fn set_state(&self, state: State) {
-        {
-            let mut progress = self.progress();
-            if progress.finished {
-                return;
-            }
-            if state.is_running() {
-                progress.run_count += 1;
-                progress.start_time.get_or_insert(state.timestamp);
-            }
-            progress.state = state.clone();
-        }
-        let _entered = self.0.span.enter();
-        tracing::debug!(target: "prefect::task_run", "Entered state {state}");
-        observe::task_run_state(&self.0.info, &state);
-    }
-
-    /// Ends the run in `state`, with its value for a completed run. Logs the final state,
-    /// wakes everyone waiting, and starts dependent runs. Only the first call counts.
-    pub fn finish(&self, state: State, result: Option<ResultData>) {
-        let (callbacks, wakers) = {
-            let mut progress = self.progress();
-            if progress.finished {
-                return;
-            }
-            progress.finished = true;
-            if progress.start_time.is_some() {
-                progress.end_time = Some(state.timestamp);
-            }
-            progress.state = state.clone();
-            progress.result = result;
-            (std::mem::take(&mut progress.callbacks), std::mem::take(&mut progress.wakers))
-        };
-        {
-            let _entered = self.0.span.enter();
-            if state.is_completed() {
-                tracing::info!(target: "prefect::task_run", "Finished in state {state}");
-            } else {
-                tracing::error!(target: "prefect::task_run", "Finished in state {state}");
-            }
-        }
-        observe::task_run_state(&self.0.info, &state);
-        self.0.finished.notify_all();
-        wakers.into_iter().for_each(Waker::wake);
-        for callback in callbacks {
-            callback(self);
-        }
-    }
-
-    /// Runs `callback` once the run has finished: now, if it already has.
-    pub fn on_finish(&self, callback: impl FnOnce(&TaskRunHandle) + Send + 'static) {
+    /// Runs `callback` once the run has finished: now, if it already has. The callback runs
+    /// on the thread that finishes the run; it must be quick and must not panic.
+    pub fn on_finish(&self, callback: impl FnOnce(&TaskRun) + Send + 'static) {
         {
             let mut progress = self.progress();
             if !progress.finished {
@@ -232,18 +168,6 @@ impl TaskRunHandle {
         true
     }
 
-    /// Registers a waker to wake when the run finishes; returns whether it already has.
-    pub(crate) fn poll_finished(&self, waker: &Waker) -> bool {
-        let mut progress = self.progress();
-        if !progress.finished {
-            if !progress.wakers.iter().any(|w| w.will_wake(waker)) {
-                progress.wakers.push(waker.clone());
-            }
-            return false;
-        }
-        true
-    }
-
     /// The run's serialized value once it has completed, fetched into this process if a
     /// runner keeps it elsewhere. Blocks until the run finishes.
     ///
@@ -262,18 +186,13 @@ impl TaskRunHandle {
         match result {
             Some(ResultData::Inline(bytes)) => Ok(bytes),
             Some(ResultData::Remote(remote)) => {
-                let bytes =
-                    Arc::new(remote.fetch().map_err(|message| TaskError::ResultUnavailable {
-                        task_run: self.name().to_owned(),
-                        message,
-                    })?);
+                let bytes = Arc::new(
+                    remote.fetch().map_err(|message| TaskError::result_unavailable(self.name(), message, None))?,
+                );
                 self.progress().result = Some(ResultData::Inline(bytes.clone()));
                 Ok(bytes)
             }
-            None => Err(TaskError::ResultUnavailable {
-                task_run: self.name().to_owned(),
-                message: "its runner kept no value".to_owned(),
-            }),
+            None => Err(TaskError::result_unavailable(self.name(), "its runner kept no value", None)),
         }
     }
 
@@ -282,22 +201,33 @@ impl TaskRunHandle {
         self.progress().result.clone()
     }
 
+    /// The runner's own handle for this run (such as the Ray object that will hold its
+    /// value), if its writer stored one of type `T`.
+    pub fn runner_data<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.progress().runner_data.clone()?.downcast::<T>().ok()
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.0.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a waker to wake when the run finishes; returns whether it already has.
+    pub(crate) fn poll_finished(&self, waker: &Waker) -> bool {
+        let mut progress = self.progress();
+        if !progress.finished {
+            if !progress.wakers.iter().any(|w| w.will_wake(waker)) {
+                progress.wakers.push(waker.clone());
+            }
+            return false;
+        }
+        true
+    }
+
     /// Brings a value a runner keeps elsewhere into this process, so it outlives the runner.
     pub(crate) fn materialize(&self) {
         if matches!(self.result_data(), Some(ResultData::Remote(_))) {
             let _ = self.result_bytes();
         }
-    }
-
-    /// Stores the runner's own handle for this run, such as the Ray object that will hold
-    /// its value, so a dependent run submitted to the same runner can refer to it.
-    pub fn set_runner_data(&self, data: Arc<dyn Any + Send + Sync>) {
-        self.progress().runner_data = Some(data);
-    }
-
-    /// The runner's handle stored by [`set_runner_data`](Self::set_runner_data), if it is a `T`.
-    pub fn runner_data<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
-        self.progress().runner_data.clone()?.downcast::<T>().ok()
     }
 
     /// Counts a new `PrefectFuture` of this run.
@@ -318,13 +248,243 @@ impl TaskRunHandle {
     pub(crate) fn downgrade(&self) -> WeakTaskRun {
         WeakTaskRun(Arc::downgrade(&self.0))
     }
+
+    /// Enters an intermediate state; for the engine's own execution loop, which runs on
+    /// behalf of the run's writer.
+    pub(crate) fn enter_state(&self, state: State) {
+        {
+            let mut progress = self.progress();
+            if progress.finished {
+                return;
+            }
+            if state.is_running() {
+                progress.run_count += 1;
+                progress.start_time.get_or_insert(state.timestamp);
+            }
+            progress.state = state.clone();
+        }
+        let _entered = self.0.span.enter();
+        tracing::debug!(target: "prefect::task_run", "Entered state {state}");
+        observe::task_run_state(&self.0.info, &state);
+    }
+
+    fn end(&self, state: State, result: Option<ResultData>) {
+        let (callbacks, wakers) = {
+            let mut progress = self.progress();
+            if progress.finished {
+                return;
+            }
+            progress.finished = true;
+            if progress.start_time.is_some() {
+                progress.end_time = Some(state.timestamp);
+            }
+            progress.state = state.clone();
+            progress.result = result;
+            (std::mem::take(&mut progress.callbacks), std::mem::take(&mut progress.wakers))
+        };
+        {
+            let _entered = self.0.span.enter();
+            if state.is_completed() {
+                tracing::info!(target: "prefect::task_run", "Finished in state {state}");
+            } else {
+                tracing::error!(target: "prefect::task_run", "Finished in state {state}");
+            }
+        }
+        observe::task_run_state(&self.0.info, &state);
+        self.0.finished.notify_all();
+        wakers.into_iter().for_each(Waker::wake);
+        for callback in callbacks {
+            callback(self);
+        }
+    }
+}
+
+/// The one handle that writes a task run's states: the engine creates it with the run and
+/// hands it to the runner that executes the run (inside its
+/// [`TaskRunSpec`](crate::runner::TaskRunSpec)).
+///
+/// The runner reports each intermediate state with [`set_state`](Self::set_state) and ends
+/// the run with [`finish`](Self::finish), which consumes the writer, so a run ends exactly
+/// once. Everything else (logging, reporting to a Prefect server, waking waiters, starting
+/// dependent runs) follows from those calls. A writer dropped without `finish` ends its run
+/// `Crashed`, with a message that names the runner.
+///
+/// It dereferences to the run's read-only [`TaskRun`] view.
+pub struct TaskRunWriter {
+    run: TaskRun,
+    runner: Arc<str>,
+    /// Set by `finish`, so `Drop` knows it has nothing to do.
+    ended: bool,
+}
+
+impl fmt::Debug for TaskRunWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskRunWriter").field("run", &self.run).field("runner", &self.runner).finish()
+    }
+}
+
+impl std::ops::Deref for TaskRunWriter {
+    type Target = TaskRun;
+
+    fn deref(&self) -> &TaskRun {
+        &self.run
+    }
+}
+
+impl TaskRunWriter {
+    /// A new run in state `Pending`, executed by the runner called `runner`.
+    pub(crate) fn new(
+        info: TaskRunInfo,
+        task: &'static TaskDefinition,
+        parent: &tracing::Span,
+        runner: Arc<str>,
+    ) -> Self {
+        let span = tracing::info_span!(parent: parent, "task_run", name = %info.name, id = %info.id);
+        let state = State::pending();
+        observe::task_run_created(&info, &state);
+        let run = TaskRun(Arc::new(Inner {
+            info,
+            futures: AtomicUsize::new(0),
+            task,
+            span,
+            progress: Mutex::new(Progress {
+                state,
+                finished: false,
+                result: None,
+                run_count: 0,
+                start_time: None,
+                end_time: None,
+                callbacks: Vec::new(),
+                wakers: Vec::new(),
+                runner_data: None,
+            }),
+            finished: Condvar::new(),
+        }));
+        Self { run, runner, ended: false }
+    }
+
+    /// The run's read-only view, to keep after the writer is gone.
+    pub fn run(&self) -> &TaskRun {
+        &self.run
+    }
+
+    /// Moves the run to an intermediate state (`Running`, `AwaitingRetry`, ...). A final
+    /// state belongs in [`finish`](Self::finish): given here, it is ignored with a warning.
+    pub fn set_state(&self, state: State) {
+        if state.is_final() {
+            let _entered = self.run.span().enter();
+            tracing::warn!(target: "prefect::task_run", "{} reported the final state {state} as an intermediate one; ignored", self.runner);
+            return;
+        }
+        self.run.enter_state(state);
+    }
+
+    /// Stores the runner's own handle for this run, such as the Ray object that will hold
+    /// its value, so a dependent run submitted to the same runner can refer to it.
+    pub fn set_runner_data(&self, data: Arc<dyn Any + Send + Sync>) {
+        self.run.progress().runner_data = Some(data);
+    }
+
+    /// Ends the run in `state` (a final state, or `NotReady` for a run that never ran
+    /// because an upstream run did not complete), with its value for a completed run: logs
+    /// the state, wakes everyone waiting, and starts dependent runs.
+    pub fn finish(mut self, state: State, result: Option<ResultData>) {
+        self.ended = true;
+        self.run.end(state, result);
+    }
+
+    /// Ends the run `Crashed`: its infrastructure failed for `reason`.
+    pub fn crash(self, reason: impl Into<String>) {
+        self.finish(State::crashed(reason), None);
+    }
+}
+
+impl Drop for TaskRunWriter {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            "a panic unwound the thread that held it"
+        } else {
+            "it was dropped without a final state"
+        };
+        let message = format!("{} lost the task run before it ended: {why}", self.runner);
+        self.run.end(State::crashed(message), None);
+    }
 }
 
 /// A task run that the engine tracks without keeping it alive.
-pub(crate) struct WeakTaskRun(Weak<TaskRun>);
+pub(crate) struct WeakTaskRun(Weak<Inner>);
 
 impl WeakTaskRun {
-    pub(crate) fn upgrade(&self) -> Option<TaskRunHandle> {
-        self.0.upgrade().map(TaskRunHandle)
+    pub(crate) fn upgrade(&self) -> Option<TaskRun> {
+        self.0.upgrade().map(TaskRun)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::TaskBody;
+
+    static NOOP: TaskDefinition = TaskDefinition {
+        name: "noop",
+        key: "tests::noop",
+        fingerprint: "0",
+        parameters: &[],
+        options: crate::options::TaskOptions::default,
+        run_name: None,
+        body: TaskBody::Sync(|_| Ok(Vec::new())),
+    };
+
+    fn writer() -> TaskRunWriter {
+        let info = TaskRunInfo {
+            id: Uuid::new_v4(),
+            name: "noop-abc".into(),
+            task_name: "noop".into(),
+            task_key: "tests::noop".into(),
+            dynamic_key: "0".into(),
+            flow_run_id: None,
+            tags: Vec::new(),
+            inputs: Vec::new(),
+            retries: 0,
+            retry_delay_seconds: Vec::new(),
+            created: Utc::now(),
+        };
+        TaskRunWriter::new(info, &NOOP, &tracing::Span::none(), "TestRunner".into())
+    }
+
+    #[test]
+    fn a_dropped_writer_crashes_its_run_naming_the_runner() {
+        let writer = writer();
+        let run = writer.run().clone();
+        drop(writer);
+        let state = run.state();
+        assert!(state.is_crashed(), "{state}");
+        assert_eq!(
+            state.message.as_deref(),
+            Some("TestRunner lost the task run before it ended: it was dropped without a final state")
+        );
+    }
+
+    #[test]
+    fn a_writer_dropped_by_a_panic_says_so() {
+        let writer = writer();
+        let run = writer.run().clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = writer;
+            panic!("runner thread died");
+        }));
+        assert!(outcome.is_err());
+        assert!(run.state().message.unwrap().contains("a panic unwound the thread that held it"));
+    }
+
+    #[test]
+    fn a_final_state_given_as_intermediate_is_ignored() {
+        let writer = writer();
+        writer.set_state(State::completed());
+        assert!(!writer.is_finished());
+        writer.finish(State::completed(), None);
     }
 }

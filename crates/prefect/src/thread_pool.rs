@@ -32,6 +32,7 @@ use crate::task_engine;
 ///
 /// assert_eq!(squares().unwrap(), 385);
 /// ```
+#[derive(Debug)]
 pub struct ThreadPoolTaskRunner {
     max_workers: usize,
     pool: Arc<Pool>,
@@ -52,6 +53,7 @@ impl ThreadPoolTaskRunner {
     }
 
     /// The same runner with at most `max_workers` threads (at least 1).
+    #[must_use]
     pub fn max_workers(mut self, max_workers: usize) -> Self {
         self.max_workers = max_workers.max(1);
         self
@@ -97,13 +99,13 @@ impl TaskRunner for ThreadPoolTaskRunner {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Pool {
     queue: Mutex<Queue>,
     work: Condvar,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Queue {
     jobs: VecDeque<TaskRunSpec>,
     idle: usize,
@@ -129,7 +131,7 @@ impl Pool {
                 Err(error) if queue.threads.is_empty() => {
                     let spec = queue.jobs.pop_back().expect("just pushed");
                     drop(queue);
-                    spec.run.finish(crate::State::crashed(format!("could not start a worker thread: {error}")), None);
+                    spec.run.crash(format!("could not start a worker thread: {error}"));
                     return;
                 }
                 Err(_) => {}
@@ -155,7 +157,10 @@ impl Pool {
                     queue.idle -= 1;
                 }
             };
-            task_engine::run_here(&spec);
+            // A panic outside the task's own guard (an engine or observer bug) must not
+            // take the thread with it: the run's writer, dropped as the panic unwinds, ends
+            // the run `Crashed`, and the thread goes on with the next run.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task_engine::run_here(spec)));
         }
     }
 

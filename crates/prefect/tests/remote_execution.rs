@@ -4,8 +4,7 @@
 use std::borrow::Cow;
 use std::process::Command;
 
-use prefect::args::{Arg, assemble};
-use prefect::registry;
+use prefect::runner::{self, Arg, assemble};
 use prefect::{TaskOptions, task};
 
 #[task]
@@ -28,17 +27,16 @@ fn child_executes_a_task_by_key() {
     let key = std::env::var("TASK_KEY").unwrap();
     let args: Vec<Cow<[u8]>> =
         std::env::var("TASK_ARGS").unwrap().split(',').map(|arg| Cow::Owned(unhex(arg))).collect();
-    let task = registry::lookup(&key).expect("the task is registered in this binary");
+    let task = runner::lookup(&key).expect("the task is registered in this binary");
     assert_eq!(task.fingerprint, std::env::var("TASK_FINGERPRINT").unwrap());
-    let execution =
-        prefect::task_engine::execute(task, &args, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+    let execution = prefect::runner::execute(task, &args, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
     assert!(execution.state.is_completed(), "{}", execution.state);
     println!("RESULT={}", hex(&execution.result.unwrap()));
 }
 
 #[test]
 fn a_task_runs_in_another_process_from_its_key_and_bytes() {
-    let definition = scale.task().definition();
+    let definition = scale.definition();
     let values = rmp_serde::to_vec(&vec![1u32, 2, 3]).unwrap();
     let factor = rmp_serde::to_vec(&10u32).unwrap();
     // The first argument comes from an "upstream" result, as a runner fills it in.
@@ -60,11 +58,11 @@ fn a_task_runs_in_another_process_from_its_key_and_bytes() {
 
 #[test]
 fn undecodable_arguments_name_the_task_and_parameter() {
-    let definition = scale.task().definition();
+    let definition = scale.definition();
     let args = [Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])];
     let args = assemble(&args, &[]);
     let mut states = Vec::new();
-    let execution = prefect::task_engine::execute(
+    let execution = prefect::runner::execute(
         definition,
         &args,
         &TaskOptions::default().retries(3),
@@ -75,4 +73,34 @@ fn undecodable_arguments_name_the_task_and_parameter() {
     assert_eq!(states, ["Running"], "a payload that cannot decode is not retried");
     let message = execution.state.message.unwrap();
     assert!(message.contains("parameter 'values' of task 'scale'"), "{message}");
+}
+
+fn first_loader() -> &'static prefect::runner::TaskDefinition {
+    #[task]
+    fn load() -> String {
+        "first".to_owned()
+    }
+    load.definition()
+}
+
+fn second_loader() -> &'static prefect::runner::TaskDefinition {
+    #[task]
+    fn load() -> String {
+        "second".to_owned()
+    }
+    load.definition()
+}
+
+#[test]
+fn tasks_of_one_name_in_two_functions_of_a_module_have_keys_of_their_own() {
+    let (first, second) = (first_loader(), second_loader());
+    assert_ne!(first.key, second.key);
+    for (definition, expected) in [(first, "first"), (second, "second")] {
+        let found = runner::lookup(definition.key).expect("each key finds its task");
+        assert!(std::ptr::eq(found, definition), "{} found another task", definition.key);
+        let execution =
+            prefect::runner::execute(found, &[], &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+        let value: String = rmp_serde::from_slice(&execution.result.unwrap()).unwrap();
+        assert_eq!(value, expected);
+    }
 }

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use prefect::observe::FlowRunInfo;
-use prefect::runner::{RunnerError, TaskRunSpec, TaskRunner};
-use prefect::{FlowError, PrefectFuture, TaskRunHandle, flow, task};
+use prefect::runner::{FlowRunInfo, RunnerError, TaskRunSpec, TaskRunner};
+use prefect::{FlowError, PrefectFuture, TaskRun, flow, task};
 use prefect_server::{Server, names, server, time};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -33,8 +32,8 @@ fn input_ids(run: &Value, parameter: &str) -> Vec<String> {
         .collect()
 }
 
-fn handles<T>(futures: &[PrefectFuture<T>]) -> Vec<TaskRunHandle> {
-    futures.iter().map(|future| future.handle().clone()).collect()
+fn handles<T>(futures: &[PrefectFuture<T>]) -> Vec<TaskRun> {
+    futures.iter().map(|future| future.task_run().clone()).collect()
 }
 
 #[task(tags = ["source"])]
@@ -60,10 +59,10 @@ fn announce(text: String) -> String {
 
 struct Reported {
     flow_run: FlowRunInfo,
-    source: TaskRunHandle,
-    squares: Vec<TaskRunHandle>,
-    total: TaskRunHandle,
-    announce: TaskRunHandle,
+    source: TaskRun,
+    squares: Vec<TaskRun>,
+    total: TaskRun,
+    announce: TaskRun,
     sum: u64,
 }
 
@@ -76,10 +75,10 @@ fn sum_of_squares(count: u64) -> Result<Reported, prefect::TaskError> {
     done.result()?;
     Ok(Reported {
         flow_run: prefect::runtime::flow_run().unwrap(),
-        source: source.handle().clone(),
+        source: source.task_run().clone(),
         squares: handles(&squares),
-        total: sum.handle().clone(),
-        announce: done.handle().clone(),
+        total: sum.task_run().clone(),
+        announce: done.task_run().clone(),
         sum: sum.result()?,
     })
 }
@@ -102,7 +101,7 @@ fn a_flow_run_its_task_runs_their_graph_and_logs_reach_the_server() {
 
     let runs = server.task_runs(id, 6);
     assert_eq!(runs.len(), 6, "{runs:#?}");
-    let all: Vec<&TaskRunHandle> =
+    let all: Vec<&TaskRun> =
         [&reported.source].into_iter().chain(&reported.squares).chain([&reported.total, &reported.announce]).collect();
     for handle in &all {
         let run = find(&runs, handle.id());
@@ -186,13 +185,13 @@ fn retries_failures_and_runs_that_never_ran_are_reported() {
         value
     }
     #[flow]
-    fn shaky() -> (Uuid, TaskRunHandle, TaskRunHandle, TaskRunHandle) {
+    fn shaky() -> (Uuid, TaskRun, TaskRun, TaskRun) {
         let (flaky_run, broken_run) = (flaky.submit(), broken.submit());
         let after_run = after.submit(&broken_run);
         after_run.wait(None);
         flaky_run.wait(None);
         let id = prefect::runtime::flow_run().unwrap().id;
-        (id, flaky_run.handle().clone(), broken_run.handle().clone(), after_run.handle().clone())
+        (id, flaky_run.task_run().clone(), broken_run.task_run().clone(), after_run.task_run().clone())
     }
 
     let server = server();
@@ -298,7 +297,7 @@ impl TaskRunner for Meddling {
         spec.dependencies().for_each(|run| {
             run.wait(None);
         });
-        prefect::task_engine::run_here(&spec);
+        prefect::runner::run_here(spec);
     }
     fn stop(&self) {}
 }

@@ -9,30 +9,36 @@
 //!   has returned) belongs to a run that did not complete: **Failed**, naming that run;
 //! - otherwise **Completed**, even if task runs whose futures the flow dropped failed; resolve
 //!   or return a future to make its failure the flow's.
+//! - an option is out of range: **Failed**, before the runner starts;
 //! - the task runner cannot start: **Crashed**.
 //!
 //! A flow run waits for every task run it submitted before it ends, so no run is left
 //! behind; then values that returned futures still refer to are copied into this process,
 //! and the runner is stopped. A failed flow run with `retries` left runs the function again.
+//!
+//! One loop, [`drive`], does all of this for every kind of flow function; what differs
+//! between a sync function, a sync function with a timeout and an async function is how one
+//! attempt runs, which [`attempt`] holds.
+
+mod attempt;
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, mpsc};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::context::{self, FlowRunContext, WithContext};
-use crate::error::FlowError;
+use crate::context::{self, FlowRunContext};
+use crate::error::{FlowError, TaskError};
 use crate::observe::{self, FlowRunInfo, Orchestration, SubflowParent, TaskRunInfo};
 use crate::options::FlowOptions;
 use crate::runner::TaskRunner;
-use crate::state::State;
-use crate::task_engine::{self, InTask};
-use crate::{logging, names};
+use crate::state::{State, StateType};
+use crate::{logging, names, task_engine};
+
+use attempt::{AsyncAttempts, Attempts, SyncAttempts, TimedAttempts};
 
 /// A flow's name and key; `#[flow]` generates one per flow function.
 #[derive(Debug)]
@@ -43,38 +49,17 @@ pub struct FlowDefinition {
     pub key: &'static str,
 }
 
-/// Runs a flow function as a flow run on this thread; the function returns `Err(message)`
-/// for a failure. `#[flow]` calls this for a sync flow without a timeout.
+/// Runs a sync flow function without a timeout as a flow run, on this thread; the function
+/// returns `Err(message)` for a failure.
 pub fn run_flow<R>(
     flow: &'static FlowDefinition,
     options: FlowOptions,
     parameters: Value,
     runner: impl TaskRunner,
-    mut body: impl FnMut() -> Result<R, String>,
+    body: impl FnMut() -> Result<R, String>,
 ) -> Result<R, FlowError> {
     let run = FlowRun::begin(flow, options, parameters, Arc::new(runner))?;
-    let mut attempt = 0;
-    loop {
-        let outcome = {
-            let _entered = context::enter(run.context.clone());
-            let _span = run.context.span.clone().entered();
-            task_engine::catch_panic(&mut body).unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")))
-        };
-        run.context.tracker.wait_idle();
-        let outcome = run.check_returned_futures(outcome);
-        match run.retry_delay(&outcome, &mut attempt) {
-            Some(delay) => {
-                if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
-                    return Err(run.abort(error));
-                }
-                std::thread::sleep(delay);
-                if let Err(error) = run.propose(State::retrying()) {
-                    return Err(run.abort(error));
-                }
-            }
-            None => return run.finish(outcome),
-        }
-    }
+    pollster::block_on(drive(run, SyncAttempts(body)))
 }
 
 /// [`run_flow`] with a timeout: each attempt runs on a thread of its own, abandoned when it
@@ -87,46 +72,9 @@ pub fn run_flow_timed<R: Send + 'static>(
     runner: impl TaskRunner,
     body: impl FnMut() -> Result<R, String> + Send + 'static,
 ) -> Result<R, FlowError> {
-    let limit = Duration::from_secs_f64(options.timeout_seconds.unwrap_or(f64::MAX / 4.0).max(0.0));
     let run = FlowRun::begin(flow, options, parameters, Arc::new(runner))?;
-    let body = Arc::new(Mutex::new(body));
-    let mut attempt = 0;
-    loop {
-        let (sender, receiver) = mpsc::channel();
-        let (context, body) = (run.context.clone(), body.clone());
-        let spawned = std::thread::Builder::new().name("prefect-flow".into()).spawn(move || {
-            let _entered = context::enter(context.clone());
-            let _span = context.span.clone().entered();
-            let mut body = body.lock().unwrap_or_else(|p| p.into_inner());
-            let outcome =
-                task_engine::catch_panic(&mut *body).unwrap_or_else(|panic| Err(format!("Flow run panicked: {panic}")));
-            let _ = sender.send(outcome);
-        });
-        let outcome = match spawned {
-            Err(error) => Err(format!("could not start a thread for the flow: {error}")),
-            Ok(_) => match receiver.recv_timeout(limit) {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    run.context.runner.cancel_pending("the flow run timed out");
-                    Err(timeout_message(limit))
-                }
-            },
-        };
-        run.context.tracker.wait_idle();
-        let outcome = run.check_returned_futures(outcome);
-        match run.retry_delay(&outcome, &mut attempt) {
-            Some(delay) => {
-                if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
-                    return Err(run.abort(error));
-                }
-                std::thread::sleep(delay);
-                if let Err(error) = run.propose(State::retrying()) {
-                    return Err(run.abort(error));
-                }
-            }
-            None => return run.finish(outcome),
-        }
-    }
+    let limit = run.options.timeout();
+    pollster::block_on(drive(run, TimedAttempts::new(body, limit)))
 }
 
 /// Runs an async flow function as a flow run. The runner starts and stops on the calling
@@ -136,40 +84,50 @@ pub async fn run_flow_async<R, F>(
     options: FlowOptions,
     parameters: Value,
     runner: impl TaskRunner,
-    mut body: impl FnMut() -> F,
+    body: impl FnMut() -> F,
 ) -> Result<R, FlowError>
 where
     F: Future<Output = Result<R, String>>,
 {
-    let timeout = options.timeout_seconds.map(|s| Duration::from_secs_f64(s.max(0.0)));
     let run = FlowRun::begin(flow, options, parameters, Arc::new(runner))?;
+    let limit = run.options.timeout();
+    drive(run, AsyncAttempts { body, limit }).await
+}
+
+/// How one attempt of the flow function ended without a value.
+#[derive(Debug)]
+enum AttemptFailure {
+    /// It returned `Err` (the message says so) or panicked.
+    Failed(String),
+    /// It overran the flow's timeout.
+    TimedOut(Duration),
+    /// A future it returned belongs to a run that did not complete.
+    ReturnedRunFailed { message: String, source: Box<TaskError> },
+}
+
+impl AttemptFailure {
+    fn message(&self) -> String {
+        match self {
+            Self::Failed(message) | Self::ReturnedRunFailed { message, .. } => message.clone(),
+            Self::TimedOut(limit) => timeout_message(*limit),
+        }
+    }
+}
+
+/// The one retry loop of every flow run: runs attempts until one succeeds or retries run
+/// out, waiting for the task runs each attempt submitted, then ends the run.
+async fn drive<R>(run: FlowRun, mut attempts: impl Attempts<R>) -> Result<R, FlowError> {
     let mut attempt = 0;
     loop {
-        let attempt_future =
-            WithContext { context: run.context.clone(), future: Box::pin(CatchUnwind(Box::pin(body()))) };
-        let outcome = match timeout {
-            None => attempt_future.await,
-            Some(limit) => match (Deadline {
-                future: attempt_future,
-                timer: task_engine::runtime().spawn(tokio::time::sleep(limit)),
-            })
-            .await
-            {
-                Some(outcome) => outcome,
-                None => {
-                    run.context.runner.cancel_pending("the flow run timed out");
-                    Err(timeout_message(limit))
-                }
-            },
-        };
-        run.context.tracker.wait_idle_async().await;
+        let outcome = attempts.attempt(&run.context).await;
+        attempts.wait_idle(&run.context).await;
         let outcome = run.check_returned_futures(outcome);
         match run.retry_delay(&outcome, &mut attempt) {
             Some(delay) => {
                 if let Err(error) = run.propose(State::awaiting_retry(Utc::now() + delay)) {
                     return Err(run.abort(error));
                 }
-                let _ = task_engine::runtime().spawn(tokio::time::sleep(delay)).await;
+                attempts.pause(delay).await;
                 if let Err(error) = run.propose(State::retrying()) {
                     return Err(run.abort(error));
                 }
@@ -183,12 +141,14 @@ fn timeout_message(limit: Duration) -> String {
     format!("Flow run exceeded timeout of {} second(s)", task_engine::seconds_text(limit))
 }
 
-/// A flow run between its start and its end.
+/// A flow run between its start and its end. It ends exactly once: through `finish` or
+/// `abort`, which consume it, or, if the engine loses it to a panic, `Crashed` on drop.
 struct FlowRun {
     flow: &'static FlowDefinition,
     options: FlowOptions,
     info: FlowRunInfo,
     context: Arc<FlowRunContext>,
+    ended: bool,
 }
 
 impl FlowRun {
@@ -239,14 +199,27 @@ impl FlowRun {
         };
         let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
         observe::flow_run_created(&info);
-        let run = Self { flow, options, info, context };
+        let mut run = Self { flow, options, info, context, ended: false };
         run.context.span.in_scope(|| {
             tracing::info!(target: "prefect::flow_run", "Beginning flow run '{}' for flow '{}'", run.info.name, flow.name);
         });
-        if let Err(error) = run.context.span.in_scope(|| run.context.runner.start(&run.info)) {
-            let message = format!("{} could not start: {error}", run.context.runner.name());
-            run.end(State::crashed(message.clone()));
-            return Err(FlowError::Crashed { flow: flow.name.to_owned(), flow_run: run.info.name.clone(), message });
+        if let Err(source) = run.options.validate() {
+            run.end(State::failed(source.to_string()));
+            return Err(FlowError::InvalidOptions {
+                flow: flow.name.to_owned(),
+                flow_run: run.info.name.clone(),
+                source,
+            });
+        }
+        if let Err(source) = run.context.span.in_scope(|| run.context.runner.start(&run.info)) {
+            let runner = run.context.runner.name();
+            run.end(State::crashed(format!("{runner} could not start: {source}")));
+            return Err(FlowError::RunnerStart {
+                flow: flow.name.to_owned(),
+                flow_run: run.info.name.clone(),
+                runner,
+                source,
+            });
         }
         if let Err(error) = run.propose(State::running()) {
             return Err(run.abort(error));
@@ -288,33 +261,37 @@ impl FlowRun {
     fn error_for(&self, state: &State, message: String) -> FlowError {
         let (flow, flow_run) = (self.flow.name.to_owned(), self.info.name.clone());
         match state.state_type {
-            crate::StateType::Cancelled => FlowError::Cancelled { flow, flow_run, message },
-            crate::StateType::Crashed => FlowError::Crashed { flow, flow_run, message },
+            StateType::Cancelled => FlowError::Cancelled { flow, flow_run, message },
+            StateType::Crashed => FlowError::Crashed { flow, flow_run, message },
             _ => FlowError::Failed { flow, flow_run, message },
         }
     }
 
     /// A flow that returned futures of runs that did not complete has failed.
-    fn check_returned_futures<R>(&self, outcome: Result<R, String>) -> Result<R, String> {
+    fn check_returned_futures<R>(&self, outcome: Result<R, AttemptFailure>) -> Result<R, AttemptFailure> {
         let value = outcome?;
         let returned = self.context.tracker.live_runs();
         let failed: Vec<_> = returned.iter().filter(|run| !run.state().is_completed()).collect();
         match failed.first() {
-            Some(first) => Err(format!(
-                "{}/{} returned task run(s) did not complete; '{}' ended in state {}",
-                failed.len(),
-                returned.len(),
-                first.name(),
-                first.state()
-            )),
+            Some(first) => {
+                let state = first.state();
+                let message = format!(
+                    "{}/{} returned task run(s) did not complete; '{}' ended in state {state}",
+                    failed.len(),
+                    returned.len(),
+                    first.name(),
+                );
+                let source = Box::new(TaskError::from_state(first.name(), &state).expect("the run did not complete"));
+                Err(AttemptFailure::ReturnedRunFailed { message, source })
+            }
             None => Ok(value),
         }
     }
 
     /// How long to wait before running the function again, if the attempt failed and
     /// retries are left.
-    fn retry_delay<R>(&self, outcome: &Result<R, String>, attempt: &mut u32) -> Option<Duration> {
-        let message = outcome.as_ref().err()?;
+    fn retry_delay<R>(&self, outcome: &Result<R, AttemptFailure>, attempt: &mut u32) -> Option<Duration> {
+        let failure = outcome.as_ref().err()?;
         if *attempt >= self.options.retries {
             return None;
         }
@@ -322,17 +299,19 @@ impl FlowRun {
         self.context.span.in_scope(|| {
             tracing::warn!(
                 target: "prefect::flow_run",
-                "{message} - Retry {}/{} will start {} second(s) from now",
+                "{} - Retry {}/{} will start {} second(s) from now",
+                failure.message(),
                 attempt,
                 self.options.retries,
                 self.options.retry_delay_seconds
             );
         });
-        Some(Duration::from_secs_f64(self.options.retry_delay_seconds.max(0.0)))
+        Some(self.options.retry_delay())
     }
 
     /// Ends a run that the server stopped: releases the runner and says why.
-    fn abort(self, error: FlowError) -> FlowError {
+    fn abort(mut self, error: FlowError) -> FlowError {
+        self.ended = true;
         self.context.runner.stop();
         self.context.span.in_scope(|| tracing::warn!(target: "prefect::flow_run", "Aborted: {}", error.message()));
         observe::flow_run_finished(&self.info);
@@ -340,28 +319,34 @@ impl FlowRun {
     }
 
     /// Keeps the values of returned futures, stops the runner, and enters the final state.
-    fn finish<R>(self, outcome: Result<R, String>) -> Result<R, FlowError> {
+    fn finish<R>(mut self, outcome: Result<R, AttemptFailure>) -> Result<R, FlowError> {
         for run in self.context.tracker.live_runs() {
             run.materialize();
         }
         self.context.runner.stop();
         let state = match &outcome {
             Ok(_) => State::completed(),
-            Err(message) if message.starts_with("Flow run exceeded timeout") => State::timed_out(message.clone()),
-            Err(message) => State::failed(message.clone()),
+            Err(AttemptFailure::TimedOut(limit)) => State::timed_out(timeout_message(*limit)),
+            Err(failure) => State::failed(failure.message()),
         };
         let state = self.end(state);
+        let (flow, flow_run) = (self.flow.name.to_owned(), self.info.name.clone());
         match (outcome, state.is_completed()) {
             (Ok(value), true) => Ok(value),
-            (Err(message), _) => {
-                Err(FlowError::Failed { flow: self.flow.name.to_owned(), flow_run: self.info.name.clone(), message })
+            (Err(AttemptFailure::Failed(message)), _) => Err(FlowError::Failed { flow, flow_run, message }),
+            (Err(AttemptFailure::TimedOut(timeout)), _) => {
+                Err(FlowError::TimedOut { flow, flow_run, message: timeout_message(timeout), timeout })
+            }
+            (Err(AttemptFailure::ReturnedRunFailed { message, source }), _) => {
+                Err(FlowError::TaskFailed { flow, flow_run, message, source })
             }
             (Ok(_), false) => Err(self.error_for(&state, state.message.clone().unwrap_or_else(|| state.to_string()))),
         }
     }
 
     /// Enters the final state and logs it.
-    fn end(&self, state: State) -> State {
+    fn end(&mut self, state: State) -> State {
+        self.ended = true;
         let state = self.propose(state.clone()).unwrap_or(state);
         self.context.span.in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
         observe::flow_run_finished(&self.info);
@@ -369,41 +354,11 @@ impl FlowRun {
     }
 }
 
-/// Turns a panic while polling into the flow's failure message.
-struct CatchUnwind<F>(Pin<Box<F>>);
-
-impl<R, F: Future<Output = Result<R, String>>> Future for CatchUnwind<F> {
-    type Output = Result<R, String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let future = self.0.as_mut();
-        let polled = {
-            let _in_task = InTask::enter();
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || future.poll(cx)))
-        };
-        match polled {
-            Ok(poll) => poll,
-            Err(payload) => Poll::Ready(Err(format!("Flow run panicked: {}", task_engine::panic_message(payload)))),
-        }
-    }
-}
-
-/// Resolves to `None` if the timer finishes first.
-struct Deadline<F> {
-    future: F,
-    timer: tokio::task::JoinHandle<()>,
-}
-
-impl<F: Future + Unpin> Future for Deadline<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Poll::Ready(output) = Pin::new(&mut self.future).poll(cx) {
-            return Poll::Ready(Some(output));
-        }
-        match Pin::new(&mut self.timer).poll(cx) {
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+impl Drop for FlowRun {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.context.runner.stop();
+            self.end(State::crashed("the engine lost the flow run: a panic unwound the thread that ran it"));
         }
     }
 }

@@ -1,0 +1,282 @@
+//! Call-site conversions: what a task's `submit`, `map` and direct call accept for each
+//! parameter (a value, a future, a list of futures, an `unmapped` constant), turned into
+//! [`Arg`]s and the upstream runs they refer to.
+
+use serde::Serialize;
+
+use crate::future::PrefectFuture;
+use crate::task_run::TaskRun;
+use crate::wire::Arg;
+
+/// An argument with the upstream task runs it refers to, before it joins a task run's list.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct ArgPiece {
+    arg: Arg,
+    upstreams: Vec<TaskRun>,
+    error: Option<String>,
+}
+
+impl ArgPiece {
+    fn value<T: Serialize + ?Sized>(value: &T) -> Self {
+        match rmp_serde::to_vec_named(value) {
+            Ok(bytes) => Self { arg: Arg::Value(bytes), upstreams: Vec::new(), error: None },
+            Err(error) => Self {
+                arg: Arg::Value(Vec::new()),
+                upstreams: Vec::new(),
+                error: Some(format!("could not serialize the argument: {error}")),
+            },
+        }
+    }
+
+    fn upstream(run: &TaskRun) -> Self {
+        Self { arg: Arg::Upstream(0), upstreams: vec![run.clone()], error: None }
+    }
+
+    fn list(pieces: impl IntoIterator<Item = ArgPiece>) -> Self {
+        let mut args = ArgsBuilder::default();
+        let items = pieces.into_iter().map(|piece| args.add_piece(piece)).collect();
+        Self { arg: Arg::List(items), upstreams: args.upstreams, error: args.error }
+    }
+}
+
+/// A value that can stand for a task parameter of type `T`: a `T` or `&T`, a
+/// [`PrefectFuture<T>`] or a reference to one, and for `Vec<T>` parameters a `Vec`, slice or
+/// array of futures.
+///
+/// # Examples
+///
+/// ```
+/// use prefect::{flow, task};
+///
+/// #[task]
+/// fn add(a: u32, b: u32) -> u32 {
+///     a + b
+/// }
+///
+/// #[task]
+/// fn total(values: Vec<u32>) -> u32 {
+///     values.iter().sum()
+/// }
+///
+/// #[flow]
+/// fn arithmetic() -> u32 {
+///     let three = add.submit(1, 2);
+///     let seven = add.submit(&three, 4);
+///     let parts = vec![three, seven];
+///     total.submit(parts).result().unwrap()
+/// }
+///
+/// assert_eq!(arithmetic().unwrap(), 10);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be passed where the task expects `{T}`",
+    label = "expected `{T}`, a `PrefectFuture<{T}>`, or a reference to one",
+    note = "a task argument is a value of the parameter's type or a future of it; a `Vec` parameter also takes a `Vec` or slice of futures"
+)]
+pub trait IntoArg<T> {
+    /// Serializes the argument, or notes the upstream run it refers to.
+    #[doc(hidden)]
+    fn into_arg(self) -> ArgPiece;
+
+    /// Text for a task run name template: the value through `show`, or the upstream run's name.
+    #[doc(hidden)]
+    fn describe(&self, show: &dyn Fn(&T) -> String) -> String;
+}
+
+impl<T: Serialize> IntoArg<T> for T {
+    fn into_arg(self) -> ArgPiece {
+        ArgPiece::value(&self)
+    }
+
+    fn describe(&self, show: &dyn Fn(&T) -> String) -> String {
+        show(self)
+    }
+}
+
+impl<T: Serialize> IntoArg<T> for &T {
+    fn into_arg(self) -> ArgPiece {
+        ArgPiece::value(self)
+    }
+
+    fn describe(&self, show: &dyn Fn(&T) -> String) -> String {
+        show(self)
+    }
+}
+
+impl<T> IntoArg<T> for PrefectFuture<T> {
+    fn into_arg(self) -> ArgPiece {
+        ArgPiece::upstream(self.task_run())
+    }
+
+    fn describe(&self, _: &dyn Fn(&T) -> String) -> String {
+        self.task_run().name().to_owned()
+    }
+}
+
+impl<T> IntoArg<T> for &PrefectFuture<T> {
+    fn into_arg(self) -> ArgPiece {
+        ArgPiece::upstream(self.task_run())
+    }
+
+    fn describe(&self, _: &dyn Fn(&T) -> String) -> String {
+        self.task_run().name().to_owned()
+    }
+}
+
+fn describe_futures<'a, T: 'a>(futures: impl IntoIterator<Item = &'a PrefectFuture<T>>) -> String {
+    let names: Vec<_> = futures.into_iter().map(|f| f.task_run().name().to_owned()).collect();
+    format!("[{}]", names.join(", "))
+}
+
+macro_rules! impl_future_lists {
+    ($( [$($generics:tt)*] $ty:ty => |$it:ident| $iter:expr; )*) => {$(
+        impl<$($generics)*> IntoArg<Vec<T>> for $ty {
+            fn into_arg(self) -> ArgPiece {
+                let $it = self;
+                ArgPiece::list($iter.map(|future| ArgPiece::upstream(future.task_run())))
+            }
+
+            fn describe(&self, _: &dyn Fn(&Vec<T>) -> String) -> String {
+                let $it = self;
+                describe_futures($iter)
+            }
+        }
+    )*};
+}
+
+impl_future_lists! {
+    [T] Vec<PrefectFuture<T>> => |list| list.iter();
+    [T] &Vec<PrefectFuture<T>> => |list| list.iter();
+    [T] &[PrefectFuture<T>] => |list| list.iter();
+    [T, const N: usize] [PrefectFuture<T>; N] => |list| list.iter();
+    [T, const N: usize] &[PrefectFuture<T>; N] => |list| list.iter();
+    ['a, T] Vec<&'a PrefectFuture<T>> => |list| list.iter().copied();
+}
+
+/// Marks an argument of `map` that every mapped run gets whole,
+/// instead of one element each.
+///
+/// # Examples
+///
+/// ```
+/// use prefect::{flow, task, unmapped};
+///
+/// #[task]
+/// fn scale(value: u32, factor: u32) -> u32 {
+///     value * factor
+/// }
+///
+/// #[flow]
+/// fn scaled() -> Vec<u32> {
+///     let futures = scale.map(vec![1, 2, 3], unmapped(10));
+///     futures.iter().map(|f| f.result().unwrap()).collect()
+/// }
+///
+/// assert_eq!(scaled().unwrap(), [10, 20, 30]);
+/// ```
+pub fn unmapped<A>(argument: A) -> Unmapped<A> {
+    Unmapped(argument)
+}
+
+/// An argument passed whole to every run of a `map`; see [`unmapped`].
+#[derive(Clone, Debug)]
+pub struct Unmapped<A>(pub A);
+
+/// One parameter's arguments for a `map`: an iterable with an element per run, or an
+/// [`Unmapped`] value shared by every run.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be mapped over for a parameter of type `{T}`",
+    note = "pass an iterable whose items are `{T}` or `PrefectFuture<{T}>`, or wrap a constant in `unmapped(...)`"
+)]
+pub trait IntoMapArg<T> {
+    /// Serializes the arguments, each with its text for a run name template (through
+    /// `show`, when the template uses the parameter).
+    #[doc(hidden)]
+    fn into_map_arg(self, show: Option<&dyn Fn(&T) -> String>) -> MapArg;
+}
+
+/// What a `map` does with one parameter.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum MapArg {
+    /// One argument per run, with its text for the run name.
+    Each(Vec<(ArgPiece, String)>),
+    /// The same argument for every run.
+    Shared(ArgPiece, String),
+}
+
+fn describe<T>(argument: &impl IntoArg<T>, show: Option<&dyn Fn(&T) -> String>) -> String {
+    show.map(|show| argument.describe(show)).unwrap_or_default()
+}
+
+impl<T, I> IntoMapArg<T> for I
+where
+    I: IntoIterator,
+    I::Item: IntoArg<T>,
+{
+    fn into_map_arg(self, show: Option<&dyn Fn(&T) -> String>) -> MapArg {
+        MapArg::Each(
+            self.into_iter()
+                .map(|item| {
+                    let text = describe(&item, show);
+                    (item.into_arg(), text)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl<T, A: IntoArg<T>> IntoMapArg<T> for Unmapped<A> {
+    fn into_map_arg(self, show: Option<&dyn Fn(&T) -> String>) -> MapArg {
+        let text = describe(&self.0, show);
+        MapArg::Shared(self.0.into_arg(), text)
+    }
+}
+
+/// Collects one task run's arguments and the upstream runs they refer to.
+#[derive(Debug, Default)]
+pub(crate) struct ArgsBuilder {
+    pub(crate) args: Vec<Arg>,
+    pub(crate) upstreams: Vec<TaskRun>,
+    pub(crate) error: Option<String>,
+}
+
+impl ArgsBuilder {
+    /// Adds the next parameter's argument.
+    pub(crate) fn push(&mut self, parameter: &str, piece: ArgPiece) {
+        if let Some(error) = &piece.error
+            && self.error.is_none()
+        {
+            self.error = Some(format!("parameter '{parameter}': {error}"));
+        }
+        let arg = self.add_piece(piece);
+        self.args.push(arg);
+    }
+
+    fn add_piece(&mut self, piece: ArgPiece) -> Arg {
+        if self.error.is_none() {
+            self.error = piece.error;
+        }
+        let offsets: Vec<usize> = piece.upstreams.iter().map(|run| self.upstream_index(run)).collect();
+        renumber(piece.arg, &offsets)
+    }
+
+    fn upstream_index(&mut self, run: &TaskRun) -> usize {
+        match self.upstreams.iter().position(|known| known.id() == run.id()) {
+            Some(index) => index,
+            None => {
+                self.upstreams.push(run.clone());
+                self.upstreams.len() - 1
+            }
+        }
+    }
+}
+
+fn renumber(arg: Arg, offsets: &[usize]) -> Arg {
+    match arg {
+        Arg::Value(bytes) => Arg::Value(bytes),
+        Arg::Upstream(index) => Arg::Upstream(offsets[index]),
+        Arg::List(items) => Arg::List(items.into_iter().map(|item| renumber(item, offsets)).collect()),
+    }
+}
