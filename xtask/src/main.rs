@@ -36,6 +36,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Starts the shared test cluster and Prefect server, prints the variables that point
+    /// tests at them, and keeps them up until Ctrl-C (for running single tests quickly).
+    Services,
     /// Checks formatting and lints, then runs every test against real Ray and Prefect.
     Test {
         /// Extra arguments for the test runner (a test name filter, say).
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Task::Setup { prefect } => setup(prefect),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Services => services(),
         Task::Bench { quick } => bench::bench(&root(), quick),
     };
     match outcome {
@@ -80,36 +84,74 @@ fn demo() -> Result {
     run(cargo().args(["run", "--quiet", "-p", "prefect-ray", "--example", "count_to"]))
 }
 
+/// The Ray cluster and Prefect server that tests share, and the variables that point
+/// tests at them. Dropping it stops both.
+struct Services {
+    _cluster: LocalCluster,
+    prefect: prefect_api::testing::TestServer,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Services {
+    fn start(ray_python: &Path, prefect_python: &Path) -> Result<Self> {
+        // One Ray cluster for every test that only needs a cluster; tests of the temporary
+        // instance start their own.
+        eprintln!("xtask: starting the shared Ray test cluster");
+        let cluster = LocalCluster::builder()
+            .python(ray_python)
+            .num_cpus(2)
+            .head_env("NODE_NAME", "head")
+            .node(1, [("special", 1.0)], [("NODE_NAME", "special")])
+            .start()
+            .map_err(|e| format!("could not start the shared Ray cluster: {e}"))?;
+        eprintln!("xtask: starting the shared Prefect test server");
+        let prefect = prefect_server::start(prefect_python)?;
+        let shared = serde_json::json!({
+            "gcs_address": cluster.gcs_address(),
+            "client_address": cluster.client_address(),
+            "auth_token": cluster.auth_token(),
+            "dir": cluster.dir(),
+        });
+        let env = vec![
+            ("PREFECT_RAY_TEST_CLUSTER", shared.to_string()),
+            ("PREFECT_RAY_PYTHON", ray_python.display().to_string()),
+            (prefect_server::SHARED_SERVER_ENV, prefect.api_url()),
+        ];
+        Ok(Self { _cluster: cluster, prefect, env })
+    }
+
+    fn apply(&self, command: &mut Command) {
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+    }
+}
+
+fn services() -> Result {
+    let ray_python = python::ray_venv(&root())?;
+    let prefect_python = python::prefect_venv(&root())?;
+    let services = Services::start(&ray_python, &prefect_python)?;
+    for (name, value) in &services.env {
+        println!("export {name}='{value}'");
+    }
+    eprintln!("xtask: up; Ctrl-C stops them");
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("could not watch for Ctrl-C: {e}"))?;
+    signals.forever().next();
+    drop(services);
+    Ok(())
+}
+
 fn test(args: &[String]) -> Result {
     let ray_python = python::ray_venv(&root())?;
     let prefect_python = python::prefect_venv(&root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    python_checks(&ray_python)?;
 
-    // One Ray cluster for every test that only needs a cluster; tests of the temporary
-    // instance start their own. Dropped (stopped) however the tests end.
-    eprintln!("xtask: starting the shared Ray test cluster");
-    let cluster = LocalCluster::builder()
-        .python(&ray_python)
-        .num_cpus(2)
-        .head_env("NODE_NAME", "head")
-        .node(1, [("special", 1.0)], [("NODE_NAME", "special")])
-        .start()
-        .map_err(|e| format!("could not start the shared Ray cluster: {e}"))?;
-    eprintln!("xtask: starting the shared Prefect test server");
-    let prefect = prefect_server::start(&prefect_python)?;
-    let shared = serde_json::json!({
-        "gcs_address": cluster.gcs_address(),
-        "client_address": cluster.client_address(),
-        "auth_token": cluster.auth_token(),
-        "dir": cluster.dir(),
-    });
-    let with_cluster = |command: &mut Command| {
-        command
-            .env("PREFECT_RAY_TEST_CLUSTER", shared.to_string())
-            .env("PREFECT_RAY_PYTHON", &ray_python)
-            .env(prefect_server::SHARED_SERVER_ENV, prefect.api_url());
-    };
+    // Dropped (stopped) however the tests end.
+    let services = Services::start(&ray_python, &prefect_python)?;
+    let with_cluster = |command: &mut Command| services.apply(command);
     let mut tests = if has_nextest() {
         let mut command = cargo();
         command.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args);
@@ -123,11 +165,28 @@ fn test(args: &[String]) -> Result {
     let mut doc_tests = cargo();
     doc_tests.args(["test", "--workspace", "--doc", "--quiet"]);
     with_cluster(&mut doc_tests);
-    let outcome =
-        run(&mut tests).and_then(|()| run(&mut doc_tests)).and_then(|()| prefect_server::ui_check(&root(), &prefect));
-    drop(prefect);
-    drop(cluster);
+    let outcome = run(&mut tests)
+        .and_then(|()| run(&mut doc_tests))
+        .and_then(|()| prefect_server::ui_check(&root(), &services.prefect));
+    drop(services);
     outcome
+}
+
+/// Lints, type checks and unit tests of the Python side (the bridge and the worker
+/// package), which need no cluster.
+fn python_checks(python: &Path) -> Result {
+    python::install(python, python::PYTHON_TOOLS)?;
+    let dir = root().join("crates/prefect-ray/python");
+    let tool = |args: &[&str]| {
+        let mut command = Command::new(python);
+        command.args(["-m"]).args(args).current_dir(&dir).env("RAY_USAGE_STATS_ENABLED", "0");
+        command
+    };
+    eprintln!("xtask: checking the Python side (ruff, mypy, pytest)");
+    run(&mut tool(&["ruff", "check", "--quiet", "."]))?;
+    run(&mut tool(&["ruff", "format", "--check", "--quiet", "."]))?;
+    run(&mut tool(&["mypy"]))?;
+    run(&mut tool(&["pytest", "--quiet", "-p", "no:cacheprovider"]))
 }
 
 fn has_nextest() -> bool {

@@ -39,13 +39,18 @@ fn venv(dir: &Path, requirements: &[&str]) -> Result<PathBuf> {
     Ok(python)
 }
 
-/// Installs extra `requirements` into the virtual environment of `python`, if missing.
+/// The linters and test runner of the Python side, pinned.
+pub const PYTHON_TOOLS: &[&str] = &["ruff==0.11.13", "mypy==1.16.1", "pytest==8.3.5"];
+
+/// Installs extra `requirements` (`name==version` each) into the virtual environment of
+/// `python`, unless those very versions are there.
 pub fn install(python: &Path, requirements: &[&str]) -> Result {
-    let names: Vec<&str> = requirements.iter().map(|r| r.split("==").next().unwrap_or(r)).collect();
-    let present = Command::new(python)
-        .args(["-c", &format!("import {}", names.join(", "))])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let check = format!(
+        "import importlib.metadata as m, sys; sys.exit(any(m.version(n) != v for n, v in {:?}))",
+        requirements.iter().filter_map(|r| r.split_once("==")).collect::<Vec<_>>()
+    )
+    .replace('"', "'");
+    let present = Command::new(python).args(["-c", &check]).output().is_ok_and(|o| o.status.success());
     if present {
         return Ok(());
     }

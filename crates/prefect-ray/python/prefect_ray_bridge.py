@@ -1,338 +1,126 @@
 """The driver side of prefect-ray for Rust: submits Rust task runs to Ray.
 
-Started by the Rust runner with its commands on stdin and its replies on stdout (both
-length-prefixed MessagePack frames); everything else that Ray or Python prints goes to
+Started by the Rust runner with its commands on stdin and its replies on stdout (see
+PROTOCOL.md in the prefect-ray crate); everything else that Ray or Python prints goes to
 stderr, which the runner forwards to its log. One bridge is one Ray driver: it starts a
 temporary local instance or connects to an existing cluster, and shuts down (ending what it
 started) when the runner says so, when its stdin closes because the runner died, or on
 SIGTERM.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import os
+import resource
 import shutil
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any, BinaryIO, NoReturn
 
-import msgpack
+from prefect_ray_worker.protocol import EXIT_NO_RAY
+
+try:
+    import msgpack
+    import ray
+    import ray.exceptions
+except ImportError as missing:
+    # Without MessagePack there is no reply to send: the exit status says it, and the
+    # runner tells the user what to install.
+    print(f"prefect-ray bridge: Ray is not installed for {sys.executable} ({missing})", file=sys.stderr, flush=True)
+    sys.exit(EXIT_NO_RAY)
+
+from prefect_ray_worker import ExecutorCrashed, named, named_batch
+from prefect_ray_worker.codec import encode_reply, read_frame
+from prefect_ray_worker.driver import InvalidAddress, TokenRefused, Unreachable, classify, probe, unmet_request
+from prefect_ray_worker.protocol import (
+    BYE,
+    BatchDone,
+    BridgeStats,
+    Cancel,
+    ClusterInfo,
+    Define,
+    Done,
+    Failed,
+    FailureKind,
+    Fatal,
+    FatalKind,
+    Get,
+    NoValue,
+    Release,
+    Reply,
+    Stats,
+    StatsReply,
+    Submit,
+    SubmitBatch,
+    UnknownCommand,
+    ValueReply,
+    decode_command,
+    frame,
+    write_all,
+)
+from prefect_ray_worker.ray_internals import check_gcs, when_ready
+
 
 class Writer:
     """Writes reply frames from any thread (Ray calls completion callbacks on threads of
     its own), each frame whole, straight to the pipe: a thread of its own would cost a
     wake-up per frame."""
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self.fd = fd
         self.lock = threading.Lock()
         self.closed = False
 
-    def send(self, message):
-        frame = msgpack.packb(message, use_bin_type=True)
-        data = memoryview(struct.pack("<I", len(frame)) + frame)
+    def send(self, reply: Reply | str) -> None:
+        data = frame(encode_reply(reply))
         with self.lock:
             if self.closed:
                 return
             try:
-                while data:
-                    data = data[os.write(self.fd, data):]
+                write_all(self.fd, data)
             except OSError:
                 self.closed = True
 
-    def close(self):
+    def close(self) -> None:
         with self.lock:
             self.closed = True
 
 
-def read_exactly(stream, length):
-    data = b""
-    while len(data) < length:
-        chunk = stream.read(length - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+#: How long to wait for a GCS that does not answer yet (a cluster that is starting).
+GCS_WAIT = 3.0
 
 
-def read_frame(stream):
-    header = read_exactly(stream, 4)
-    if header is None:
-        return None
-    (length,) = struct.unpack("<I", header)
-    body = read_exactly(stream, length)
-    if body is None:
-        return None
-    return msgpack.unpackb(body, raw=False)
-
-
-def log(message):
+def log(message: str) -> None:
     print(f"prefect-ray bridge: {message}", file=sys.stderr, flush=True)
 
 
-class Bridge:
-    def __init__(self, writer, config):
-        self.writer = writer
-        self.config = config
-        # key -> (report ref, value ref, whether the run is one of a batch, whose report
-        # ref holds the reports of the whole batch)
-        self.refs = {}
-        self.functions = {}
-        self.batch_functions = {}
-        self.ray_tasks = 0
-        self.infeasible = {}
-        self.nodes = []
-        self.nodes_at = 0.0
-        self.started_local = False
+def token_refused(error: BaseException) -> bool:
+    """Whether the cluster refused this driver's token: Ray's AuthenticationError, or a gRPC
+    call answered UNAUTHENTICATED, anywhere in the error's chain."""
+    try:
+        import grpc
 
-    # -- start and stop -------------------------------------------------------------------
-
-    def start(self):
-        import ray
-
-        self.ray = ray
-        config = self.config
-        kwargs = dict(config.get("init_kwargs") or {})
-        kwargs.setdefault("namespace", "prefect")
-        address = config.get("address")
-        kwargs.setdefault("log_to_driver", False)
-        if address:
-            probe(address)
-            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-            modules = list(runtime_env.get("py_modules") or [])
-            modules.append(config["worker_package"])
-            runtime_env["py_modules"] = modules
-            kwargs["runtime_env"] = runtime_env
-            context = connect(ray, address, kwargs)
-        else:
-            kwargs.setdefault("_node_ip_address", "127.0.0.1")
-            kwargs.setdefault("include_dashboard", False)
-            kwargs.setdefault("_temp_dir", config["temp_dir"])
-            context = ray.init(**kwargs)
-            self.started_local = True
-        self.refresh_nodes(force=True)
-        dashboard = getattr(context, "dashboard_url", None)
-        self.writer.send(
-            {
-                "ready": {
-                    "nodes": sum(1 for node in self.nodes if node.get("Alive")),
-                    "cpus": sum(node.get("Resources", {}).get("CPU", 0) for node in self.nodes if node.get("Alive")),
-                    "dashboard_url": dashboard or "",
-                    "ray_version": ray.__version__,
-                    "started_local": self.started_local,
-                },
-            }
-        )
-
-    def stop(self):
-        ray = getattr(self, "ray", None)
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-
-    # -- cluster resources ----------------------------------------------------------------
-
-    def refresh_nodes(self, force=False):
-        if force or time.monotonic() - self.nodes_at > 5.0:
-            self.nodes = self.ray.nodes()
-            self.nodes_at = time.monotonic()
-
-    def unmet_request(self, options):
-        """Why no live node can ever run a task with these options, or None."""
-        demand = {"CPU": float(options.get("num_cpus", 1) or 0), "GPU": float(options.get("num_gpus", 0) or 0)}
-        if options.get("memory"):
-            demand["memory"] = float(options["memory"])
-        for name, amount in (options.get("resources") or {}).items():
-            demand[name] = float(amount)
-        demand = {name: amount for name, amount in demand.items() if amount > 0}
-        if not demand or options.get("scheduling_strategy") not in (None, "DEFAULT", "SPREAD"):
-            return None
-        for attempt in range(2):
-            self.refresh_nodes(force=attempt > 0)
-            alive = [node for node in self.nodes if node.get("Alive")]
-            if any(all(node.get("Resources", {}).get(name, 0) >= amount for name, amount in demand.items()) for node in alive):
-                return None
-        largest = ", ".join(
-            "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(node.get("Resources", {}).items()) if not k.startswith("node:") and k != "object_store_memory") + "}"
-            for node in alive
-        )
-        asked = ", ".join(f"{k}: {v:g}" for k, v in demand.items())
-        return (
-            f"no node of the Ray cluster can ever meet this request ({asked}); its {len(alive)} live node(s) have {largest}. "
-            f"Lower the request, or add a node that has it"
-        )
-
-    # -- commands -------------------------------------------------------------------------
-
-    def define(self, function_id, task_name, options_json):
-        try:
-            self.define_remote(function_id, task_name, options_json)
-        except Exception as error:
-            log(f"could not define the remote function of task {task_name}:\n{traceback.format_exc()}")
-            self.infeasible[function_id] = f"the Ray bridge could not define the task's remote function: {error!r}"
-
-    def define_remote(self, function_id, task_name, options_json):
-        options = json.loads(options_json)
-        import prefect_ray_worker
-
-        options["num_returns"] = 2
-        # The trampoline raises only when its executor died (ExecutorCrashed): a system
-        # failure, which Ray retries within max_retries. (A list of exception classes would be
-        # pickled into every task.)
-        options.setdefault("retry_exceptions", True)
-        unmet = self.unmet_request(options)
-        if unmet:
-            self.infeasible[function_id] = unmet
-            return
-        # The options go into the remote function itself, once: `.options()` would check
-        # them again on every call. The function's name is the task's.
-        try:
-            task = prefect_ray_worker.named(task_name, self.config["executor"])
-            batch = prefect_ray_worker.named_batch(task_name, self.config["executor"])
-            self.functions[function_id] = self.ray.remote(**options)(task)
-            self.batch_functions[function_id] = self.ray.remote(**options)(batch)
-        except Exception as error:
-            self.infeasible[function_id] = f"Ray refused the task's options {options_json}: {error}"
-
-    def submit(self, key, function_id, header, data_keys, status_keys):
-        function = self.functions.get(function_id)
-        if function is None:
-            reason = self.infeasible.get(function_id, "unknown function")
-            self.writer.send({"failed": [key, "failed", reason]})
-            return
-        try:
-            dependencies = self.dependencies(data_keys, status_keys)
-            status_ref, value_ref = function.remote(header, *dependencies)
-        except Exception as error:
-            self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
-            return
-        self.refs[key] = (status_ref, value_ref, False)
-        self.ray_tasks += 1
-        status_ref._on_completed(functools.partial(self.on_status, key))
-
-    def dependencies(self, data_keys, status_keys):
-        """The refs a run depends on: the values it takes, then the runs it waits for (their
-        reports; for a run of a batch, its value, whose first byte tells the same)."""
-        waited = [self.refs[k][1] if self.refs[k][2] else self.refs[k][0] for k in status_keys]
-        return [self.refs[k][1] for k in data_keys] + waited
-
-    def submit_batch(self, keys, function_id, headers, dependencies_per_run):
-        function = self.batch_functions.get(function_id)
-        if function is None:
-            reason = self.infeasible.get(function_id, "unknown function")
-            for key in keys:
-                self.writer.send({"failed": [key, "failed", reason]})
-            return
-        try:
-            dependencies = [ref for data, status in dependencies_per_run for ref in self.dependencies(data, status)]
-            refs = function.options(num_returns=1 + len(keys)).remote(headers, *dependencies)
-        except Exception as error:
-            for key in keys:
-                self.writer.send({"failed": [key, "crashed", f"Ray did not accept the task: {error}"]})
-            return
-        reports = refs[0]
-        self.ray_tasks += 1
-        for key, value_ref in zip(keys, refs[1:]):
-            self.refs[key] = (reports, value_ref, True)
-        reports._on_completed(functools.partial(self.on_batch_status, keys))
-
-    def on_batch_status(self, keys, result):
-        if isinstance(result, BaseException):
-            kind, message = classify(result)
-            for key in keys:
-                self.writer.send({"failed": [key, kind, message]})
-        else:
-            self.writer.send({"batch_done": [keys, as_bytes(result)]})
-
-    def on_status(self, key, result):
-        if isinstance(result, BaseException):
-            kind, message = classify(result)
-            self.writer.send({"failed": [key, kind, message]})
-        else:
-            self.writer.send({"done": [key, as_bytes(result)]})
-
-    def get(self, request, key):
-        refs = self.refs.get(key)
-        if refs is None:
-            self.writer.send({"value_error": [request, "the value was already released"]})
-            return
-        refs[1]._on_completed(functools.partial(self.on_value, request))
-
-    def on_value(self, request, result):
-        if isinstance(result, BaseException):
-            self.writer.send({"value_error": [request, classify(result)[1]]})
-        else:
-            self.writer.send({"value": [request, as_bytes(result)]})
-
-    def release(self, keys):
-        for key in keys:
-            self.refs.pop(key, None)
-
-    def cancel(self, key):
-        refs = self.refs.get(key)
-        if refs is not None:
-            try:
-                # A running trampoline waits in a read that KeyboardInterrupt cannot break,
-                # so only force (ending the worker and its executor) stops a running task.
-                self.ray.cancel(refs[0], force=True)
-            except Exception as error:
-                log(f"could not cancel: {error}")
-
-    def stats(self, request):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        namespace = self.ray.get_runtime_context().namespace
-        stats = {
-            "peak_rss_bytes": peak,
-            "objects": len(self.refs),
-            "bridge_pid": os.getpid(),
-            "namespace": namespace,
-            "ray_tasks": self.ray_tasks,
-        }
-        self.writer.send({"stats": [request, stats]})
+        unauthenticated: Any = grpc.StatusCode.UNAUTHENTICATED
+        rpc_error: Any = grpc.RpcError
+    except ImportError:
+        unauthenticated, rpc_error = None, ()
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ray.exceptions.AuthenticationError):
+            return True
+        if rpc_error and isinstance(seen, rpc_error) and getattr(seen, "code", lambda: None)() == unauthenticated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
-def as_bytes(blob):
-    """A blob from a task: bytes, or for a large one a bytearray or a Blob."""
-    return blob if isinstance(blob, bytes) else bytes(blob)
-
-
-class Unreachable(Exception):
-    """Nothing answers at the cluster's address."""
-
-
-def probe(address):
-    """Fails fast when nothing listens at the address: Ray itself would wait for minutes."""
-    target = address[len("ray://"):] if address.startswith("ray://") else address
-    if target in ("auto", "local") or ":" not in target:
-        return
-    host, _, port = target.rpartition(":")
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-            return
-        except ValueError as error:
-            raise Unreachable(f"{target} is not a host:port address ({error})") from None
-        except OSError as error:
-            if time.monotonic() > deadline:
-                raise Unreachable(
-                    f"nothing answers at {target} ({error}); check that the cluster is running and the address is right"
-                ) from None
-            time.sleep(0.25)
-
-
-def refused_token(error):
-    """Whether Ray's error says the cluster refused this driver's token."""
-    text = f"{error!r} {error.__cause__!r}"
-    return any(word in text for word in ("AuthenticationError", "InvalidAuthToken", "Unauthenticated"))
-
-
-def connect(ray, address, kwargs):
+def connect(address: str, kwargs: dict[str, Any]) -> Any:
     """ray.init for an existing cluster. Ray Client's server sometimes fails to start a
     session for a new client; asking again gets one."""
     attempts = 3 if address.startswith("ray://") else 1
@@ -340,29 +128,281 @@ def connect(ray, address, kwargs):
         try:
             return ray.init(address=address, **kwargs)
         except ConnectionError as error:
-            if refused_token(error) or attempt == attempts:
+            if token_refused(error) or attempt == attempts:
                 raise
             log(f"Ray Client connection failed ({error}); trying again ({attempt}/{attempts - 1})")
             try:
                 ray.shutdown()
             except Exception:
                 pass
+    raise AssertionError("unreachable")
 
 
-def classify(error):
-    """The run's final state kind and a one-line message for a Ray error. The trampoline
-    reports task failures in the status it returns, so an error here means Ray could not
-    run the task to its end: it crashed, unless it was cancelled."""
-    cause = getattr(error, "cause", None)
-    if "TaskCancelledError" in (type(error).__name__, type(cause).__name__):
-        return "cancelled", "the task was cancelled in Ray"
-    if type(cause).__name__ == "ExecutorCrashed":
-        return "crashed", str(cause)
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return "crashed", f"{type(error).__name__}: {lines[-1] if lines else 'no details'}"
+class Bridge:
+    def __init__(self, writer: Writer, config: dict[str, Any]) -> None:
+        self.writer = writer
+        self.config = config
+        # key -> (report ref, value ref, whether the run is one of a batch, whose report
+        # ref holds the reports of the whole batch)
+        self.refs: dict[int, tuple[Any, Any, bool]] = {}
+        self.functions: dict[int, Any] = {}
+        self.batch_functions: dict[int, Any] = {}
+        self.ray_tasks = 0
+        self.infeasible: dict[int, str] = {}
+        self.nodes: list[dict[str, Any]] = []
+        self.nodes_at = 0.0
+        self.started_local = False
+
+    # -- start and stop -------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.config
+        kwargs = dict(config.get("init_kwargs") or {})
+        kwargs.setdefault("namespace", "prefect")
+        address = config.get("address")
+        kwargs.setdefault("log_to_driver", False)
+        if address:
+            if address.startswith("ray://") or address == "auto":
+                probe(address)
+            else:
+                check_gcs(address, wait=GCS_WAIT)
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            modules = list(runtime_env.get("py_modules") or [])
+            modules.append(config["worker_package"])
+            runtime_env["py_modules"] = modules
+            kwargs["runtime_env"] = runtime_env
+            context = connect(address, kwargs)
+        else:
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
+            kwargs.setdefault("include_dashboard", False)
+            kwargs.setdefault("_temp_dir", config["temp_dir"])
+            context = ray.init(**kwargs)
+            self.started_local = True
+        self.refresh_nodes(force=True)
+        alive = [node for node in self.nodes if node.get("Alive")]
+        self.writer.send(
+            ClusterInfo(
+                nodes=len(alive),
+                cpus=float(sum(node.get("Resources", {}).get("CPU", 0) for node in alive)),
+                dashboard_url=getattr(context, "dashboard_url", None) or "",
+                ray_version=ray.__version__,
+                started_local=self.started_local,
+            )
+        )
+
+    def stop(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+
+    # -- cluster resources ----------------------------------------------------------------
+
+    def refresh_nodes(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.nodes_at > 5.0:
+            self.nodes = ray.nodes()
+            self.nodes_at = time.monotonic()
+
+    def unmet_request(self, options: dict[str, Any]) -> str | None:
+        """Why no live node can ever run a task with these options, or None. Asks Ray
+        again before saying no, in case a node just joined."""
+        for attempt in range(2):
+            self.refresh_nodes(force=attempt > 0)
+            unmet = unmet_request(options, self.nodes)
+            if unmet is None:
+                return None
+        return unmet
+
+    # -- commands -------------------------------------------------------------------------
+
+    def define(self, command: Define) -> None:
+        try:
+            self.define_remote(command)
+        except Exception as error:
+            log(f"could not define the remote function of task {command.task_name}:\n{traceback.format_exc()}")
+            self.infeasible[command.function] = f"the Ray bridge could not define the task's remote function: {error!r}"
+
+    def define_remote(self, command: Define) -> None:
+        options = json.loads(command.options_json)
+        options["num_returns"] = 2
+        # The trampoline raises only when its executor died (ExecutorCrashed): a system
+        # failure, which Ray retries within max_retries. (A list of exception classes would be
+        # pickled into every task.)
+        options.setdefault("retry_exceptions", True)
+        unmet = self.unmet_request(options)
+        if unmet:
+            self.infeasible[command.function] = unmet
+            return
+        # The options go into the remote function itself, once: `.options()` would check
+        # them again on every call. The function's name is the task's.
+        try:
+            task = named(command.task_name, self.config["executor"])
+            batch = named_batch(command.task_name, self.config["executor"])
+            self.functions[command.function] = ray.remote(**options)(task)
+            self.batch_functions[command.function] = ray.remote(**options)(batch)
+        except Exception as error:
+            self.infeasible[command.function] = f"Ray refused the task's options {command.options_json}: {error}"
+
+    def submit(self, command: Submit) -> None:
+        key = command.key
+        function = self.functions.get(command.function)
+        if function is None:
+            reason = self.infeasible.get(command.function, "unknown function")
+            self.writer.send(Failed(key, FailureKind.FAILED, reason))
+            return
+        try:
+            dependencies = self.dependencies(command.value_keys, command.report_keys)
+            status_ref, value_ref = function.remote(command.call, *dependencies)
+        except Exception as error:
+            self.writer.send(Failed(key, FailureKind.CRASHED, f"Ray did not accept the task: {error}"))
+            return
+        self.refs[key] = (status_ref, value_ref, False)
+        self.ray_tasks += 1
+        when_ready(status_ref, functools.partial(self.on_status, key))
+
+    def dependencies(self, value_keys: list[int], report_keys: list[int]) -> list[Any]:
+        """The refs a run depends on: the values it takes, then the runs it waits for (their
+        reports; for a run of a batch, its value, whose first byte tells the same)."""
+        waited = [self.refs[k][1] if self.refs[k][2] else self.refs[k][0] for k in report_keys]
+        return [self.refs[k][1] for k in value_keys] + waited
+
+    def submit_batch(self, command: SubmitBatch) -> None:
+        keys = command.keys
+        function = self.batch_functions.get(command.function)
+        if function is None:
+            reason = self.infeasible.get(command.function, "unknown function")
+            for key in keys:
+                self.writer.send(Failed(key, FailureKind.FAILED, reason))
+            return
+        try:
+            dependencies = [ref for run in command.dependencies for ref in self.dependencies(run.value_keys, run.report_keys)]
+            refs = function.options(num_returns=1 + len(keys)).remote(command.call, *dependencies)
+        except Exception as error:
+            for key in keys:
+                self.writer.send(Failed(key, FailureKind.CRASHED, f"Ray did not accept the task: {error}"))
+            return
+        reports = refs[0]
+        self.ray_tasks += 1
+        for key, value_ref in zip(keys, refs[1:]):
+            self.refs[key] = (reports, value_ref, True)
+        when_ready(reports, functools.partial(self.on_batch_status, keys))
+
+    def failure(self, error: BaseException) -> tuple[FailureKind, str]:
+        return classify(error, crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+
+    def on_batch_status(self, keys: list[int], result: Any) -> None:
+        if isinstance(result, BaseException):
+            kind, message = self.failure(result)
+            for key in keys:
+                self.writer.send(Failed(key, kind, message))
+        else:
+            self.writer.send(BatchDone(keys, as_bytes(result)))
+
+    def on_status(self, key: int, result: Any) -> None:
+        if isinstance(result, BaseException):
+            kind, message = self.failure(result)
+            self.writer.send(Failed(key, kind, message))
+        else:
+            self.writer.send(Done(key, as_bytes(result)))
+
+    def get(self, command: Get) -> None:
+        refs = self.refs.get(command.key)
+        if refs is None:
+            self.writer.send(NoValue(command.request, "the value was already released"))
+            return
+        when_ready(refs[1], functools.partial(self.on_value, command.request))
+
+    def on_value(self, request: int, result: Any) -> None:
+        if isinstance(result, BaseException):
+            self.writer.send(NoValue(request, self.failure(result)[1]))
+        else:
+            self.writer.send(ValueReply(request, as_bytes(result)))
+
+    def release(self, command: Release) -> None:
+        for key in command.keys:
+            self.refs.pop(key, None)
+
+    def cancel(self, command: Cancel) -> None:
+        refs = self.refs.get(command.key)
+        if refs is not None:
+            try:
+                # A running trampoline waits in a read that KeyboardInterrupt cannot break,
+                # so only force (ending the worker and its executor) stops a running task.
+                ray.cancel(refs[0], force=True)
+            except Exception as error:
+                log(f"could not cancel: {error}")
+
+    def stats(self, command: Stats) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats = BridgeStats(
+            peak_rss_bytes=peak,
+            objects=len(self.refs),
+            bridge_pid=os.getpid(),
+            namespace=ray.get_runtime_context().namespace,
+            ray_tasks=self.ray_tasks,
+        )
+        self.writer.send(StatsReply(command.request, stats))
+
+    def handle(self, command: Any) -> None:
+        handlers: dict[type, Callable[[Any], None]] = {
+            Define: self.define,
+            Submit: self.submit,
+            SubmitBatch: self.submit_batch,
+            Get: self.get,
+            Release: self.release,
+            Cancel: self.cancel,
+            Stats: self.stats,
+        }
+        handlers[type(command)](command)
 
 
-def main():
+def as_bytes(blob: Any) -> bytes:
+    """A blob from a task: bytes, or for a large one a bytearray or a Blob."""
+    return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def fatal_for(error: BaseException) -> Fatal:
+    """The reply of a bridge whose `ray.init` failed with `error`."""
+    details = traceback.format_exc()
+    if isinstance(error, InvalidAddress):
+        return Fatal(FatalKind.INVALID_ADDRESS, str(error), details)
+    if isinstance(error, Unreachable):
+        return Fatal(FatalKind.UNREACHABLE, str(error), details)
+    if isinstance(error, TokenRefused) or token_refused(error):
+        return Fatal(FatalKind.TOKEN_REFUSED, "the cluster refused this driver's authentication token", details)
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return Fatal(FatalKind.INIT_FAILED, f"{type(error).__name__}: {lines[0] if lines else ''}", details)
+
+
+def serve(commands: BinaryIO, writer: Writer, config: dict[str, Any]) -> int:
+    """Connects, then runs commands until `shutdown` or the end of input."""
+    bridge = Bridge(writer, config)
+    try:
+        try:
+            bridge.start()
+        except Exception as error:
+            writer.send(fatal_for(error))
+            return 1
+        unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1)
+        for message in unpacker:
+            try:
+                command = decode_command(message)
+            except UnknownCommand as error:
+                log(str(error))
+                continue
+            if command is None:
+                break
+            try:
+                bridge.handle(command)
+            except Exception:
+                log(f"command {type(command).__name__} failed:\n{traceback.format_exc()}")
+    finally:
+        try:
+            bridge.stop()
+        except Exception:
+            log(f"ray.shutdown failed:\n{traceback.format_exc()}")
+    return 0
+
+
+def main() -> int:
     # Unbuffered, so reading returns what has arrived: the commands after the first (the
     # configuration, a length-prefixed frame) are a plain stream of MessagePack values.
     commands = os.fdopen(0, "rb", buffering=0)
@@ -370,7 +410,7 @@ def main():
     os.dup2(2, 1)
     writer = Writer(replies)
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: Any) -> NoReturn:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -381,58 +421,14 @@ def main():
     config = read_frame(commands)
     if config is None:
         return 0
-    bridge = None
     try:
-        try:
-            import ray  # noqa: F401
-        except ImportError as error:
-            writer.send({"fatal": [f"Ray is not installed for {sys.executable} ({error})", ""]})
-            return 1
-        bridge = Bridge(writer, config)
-        try:
-            bridge.start()
-        except Exception as error:
-            lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            message = f"{type(error).__name__}: {lines[0] if lines else ''}"
-            if refused_token(error):
-                message = "the cluster refused this driver's authentication token; pass the cluster's token with .auth_token(...) or RAY_AUTH_TOKEN"
-            elif isinstance(error, Unreachable):
-                message = str(error)
-            writer.send({"fatal": [message, traceback.format_exc()]})
-            return 1
-        handlers = {
-            "define": bridge.define,
-            "submit": bridge.submit,
-            "submit_batch": bridge.submit_batch,
-            "get": bridge.get,
-            "release": bridge.release,
-            "cancel": bridge.cancel,
-            "stats": bridge.stats,
-        }
-        for message in msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1):
-            if message == "shutdown":
-                break
-            ((name, arguments),) = message.items()
-            handler = handlers.get(name)
-            if handler is None:
-                log(f"unknown command {name!r}")
-                continue
-            try:
-                handler(*arguments)
-            except Exception:
-                log(f"command {name} failed:\n{traceback.format_exc()}")
+        return serve(commands, writer, config)
     finally:
-        if bridge is not None:
-            try:
-                bridge.stop()
-            except Exception:
-                log(f"ray.shutdown failed:\n{traceback.format_exc()}")
-        writer.send("bye")
+        writer.send(BYE)
         writer.close()
         # Everything the runner set up for this bridge goes with it, also when the runner
         # died without a word (its stdin closed).
         shutil.rmtree(config.get("own_dir") or config.get("temp_dir") or "", ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

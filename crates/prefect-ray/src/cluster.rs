@@ -12,6 +12,43 @@ use serde_json::{Map, Value};
 use crate::error::RayError;
 use crate::python;
 
+/// Why a [`LocalCluster`] did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// Python or Ray is missing.
+    #[error(transparent)]
+    Ray(#[from] RayError),
+    /// Something on this machine got in the way: files, ports, processes.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the cluster was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A node did not say it was up within two minutes.
+    #[error("a Ray node did not come up; it said:\n{output}")]
+    NodeDidNotStart {
+        /// Its last lines of output.
+        output: String,
+    },
+    /// The head's Ray Client port did not open.
+    #[error("nothing listens on 127.0.0.1:{port} after {} s", after.as_secs())]
+    PortClosed {
+        /// The port.
+        port: u16,
+        /// How long the cluster waited.
+        after: Duration,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
 /// A Ray cluster started with `ray start` on 127.0.0.1, with token authentication on, for
 /// tests and examples: a head node and any number of extra nodes, each in a process group
 /// of its own. Dropping it ends every process it started and removes its directory.
@@ -28,6 +65,7 @@ use crate::python;
 ///     .unwrap();
 /// println!("GCS at {}, Ray Client at {}", cluster.gcs_address(), cluster.client_address());
 /// ```
+#[derive(Debug)]
 pub struct LocalCluster {
     nodes: Vec<Child>,
     gcs_address: String,
@@ -141,12 +179,12 @@ impl LocalClusterBuilder {
     /// # Errors
     ///
     /// If Python or Ray is missing, or a node does not start.
-    pub fn start(self) -> Result<LocalCluster, RayError> {
+    pub fn start(self) -> Result<LocalCluster, ClusterError> {
         let python = python::find(self.python.as_deref());
         let dir = tempfile::Builder::new()
             .prefix("prt-")
             .tempdir_in("/tmp")
-            .map_err(|e| RayError::Setup(format!("could not create a directory for the cluster: {e}")))?;
+            .map_err(io("could not create a directory for the cluster"))?;
         let auth_token = uuid::Uuid::new_v4().simple().to_string();
         let (gcs_port, client_port) = (free_port()?, free_port()?);
         let mut cluster = LocalCluster {
@@ -252,12 +290,12 @@ fn node_command(python: &Path, env: &[(String, String)], token: &str) -> Command
 }
 
 /// Starts a node and waits for the line that says it is up.
-fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child, RayError> {
-    let mut child = command.spawn().map_err(|error| {
-        if error.kind() == std::io::ErrorKind::NotFound {
-            RayError::NoPython(python::install_hint(python))
+fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child, ClusterError> {
+    let mut child = command.spawn().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ClusterError::Ray(RayError::NoPython { hint: python::install_hint(python), python: python.into(), source })
         } else {
-            RayError::Setup(format!("could not start a Ray node: {error}"))
+            ClusterError::Io { what: "could not start a Ray node".into(), source }
         }
     })?;
     let (sender, receiver) = mpsc::channel();
@@ -290,9 +328,9 @@ fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child,
                 let tail: Vec<_> = seen.iter().rev().take(15).rev().cloned().collect();
                 let missing = tail.iter().any(|l| l.contains("No module named"));
                 return Err(if missing {
-                    RayError::NoRay(python::install_hint(python))
+                    ClusterError::Ray(RayError::NoRay { hint: python::install_hint(python), python: python.into() })
                 } else {
-                    RayError::Setup(format!("a Ray node did not come up:\n{}", tail.join("\n")))
+                    ClusterError::NodeDidNotStart { output: tail.join("\n") }
                 });
             }
         }
@@ -316,20 +354,20 @@ fn stop_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn wait_for_port(port: u16, limit: Duration) -> Result<(), RayError> {
+fn wait_for_port(port: u16, limit: Duration) -> Result<(), ClusterError> {
     let deadline = std::time::Instant::now() + limit;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if std::time::Instant::now() > deadline {
-            return Err(RayError::Setup(format!("nothing listens on 127.0.0.1:{port} after {} s", limit.as_secs())));
+            return Err(ClusterError::PortClosed { port, after: limit });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }
 
-fn free_port() -> Result<u16, RayError> {
+fn free_port() -> Result<u16, ClusterError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
-        .map_err(|e| RayError::Setup(format!("could not find a free port: {e}")))
+        .map_err(io("could not find a free port"))
 }

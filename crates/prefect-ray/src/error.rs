@@ -1,17 +1,90 @@
 //! Why a RayTaskRunner could not start.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use thiserror::Error;
 
-/// Why the runner could not reach Ray; each message says what to do.
+/// Why the runner could not reach Ray; each message says what to do. A flow whose runner
+/// fails to start ends `Crashed`, and its [`FlowError::RunnerStart`](prefect::FlowError::RunnerStart)
+/// carries this error: `error.runner_error::<RayError>()` gets it back.
+///
+/// # Examples
+///
+/// ```no_run
+/// use prefect::flow;
+/// use prefect_ray::{RayError, RayTaskRunner};
+///
+/// #[flow(task_runner = RayTaskRunner::new().address("ray://head:10001"))]
+/// fn remote() {}
+///
+/// match remote() {
+///     Err(error) => match error.runner_error::<RayError>() {
+///         Some(RayError::Unreachable { .. }) => eprintln!("start the cluster first"),
+///         Some(RayError::TokenRefused { .. }) => eprintln!("set RAY_AUTH_TOKEN"),
+///         _ => eprintln!("{error}"),
+///     },
+///     Ok(()) => {}
+/// }
+/// ```
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RayError {
     /// The Python to run the bridge on does not exist.
-    #[error("{0}")]
-    NoPython(String),
+    #[error("{hint}")]
+    NoPython {
+        /// The Python looked for.
+        python: PathBuf,
+        /// What to do.
+        hint: String,
+        /// Why it could not be started.
+        #[source]
+        source: std::io::Error,
+    },
     /// Python is there, Ray is not.
-    #[error("{0}")]
-    NoRay(String),
-    /// `ray.init` failed, or did not answer in time.
+    #[error("{hint}")]
+    NoRay {
+        /// The Python without Ray.
+        python: PathBuf,
+        /// What to do.
+        hint: String,
+    },
+    /// The address is not one Ray can use: empty, without a host, without a port.
+    #[error("could not connect to Ray ({address:?}): {reason}")]
+    InvalidAddress {
+        /// The address as given.
+        address: String,
+        /// What is wrong with it, and what to write instead.
+        reason: String,
+    },
+    /// Nothing answers at the cluster's address.
+    #[error("could not connect to Ray ({address}): {message}")]
+    Unreachable {
+        /// The address.
+        address: String,
+        /// What the connection attempt said.
+        message: String,
+    },
+    /// The cluster refused this driver's authentication token (or it had none).
+    #[error(
+        "could not connect to Ray ({address}): the cluster refused this driver's authentication token; pass the cluster's token with .auth_token(...) or RAY_AUTH_TOKEN"
+    )]
+    TokenRefused {
+        /// The address.
+        address: String,
+    },
+    /// Ray did not answer within the connection deadline.
+    #[error(
+        "could not connect to Ray ({target}): Ray did not answer within {} s; check that the cluster is running and reachable, or raise .connect_timeout(...)",
+        after.as_secs()
+    )]
+    Timeout {
+        /// The address, or "a temporary local instance".
+        target: String,
+        /// How long the runner waited.
+        after: Duration,
+    },
+    /// `ray.init` failed otherwise.
     #[error("could not connect to Ray ({target}): {message}")]
     Connect {
         /// The address, or "a temporary local instance".
@@ -19,7 +92,30 @@ pub enum RayError {
         /// What Ray said.
         message: String,
     },
+    /// The bridge process exited before it said whether it connected.
+    #[error("could not connect to Ray ({target}): the bridge process ({}) exited: {last_words}", python.display())]
+    BridgeExited {
+        /// The address, or "a temporary local instance".
+        target: String,
+        /// The bridge's Python.
+        python: PathBuf,
+        /// The last line it wrote.
+        last_words: String,
+    },
     /// Something on this machine got in the way: files, threads.
-    #[error("{0}")]
-    Setup(String),
+    #[error("{what}: {source}")]
+    Setup {
+        /// What the runner was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RayError {
+    pub(crate) fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RayError {
+        let what = what.into();
+        move |source| RayError::Setup { what, source }
+    }
 }

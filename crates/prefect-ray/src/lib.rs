@@ -1,13 +1,12 @@
-#![doc = include_str!("../../../README.md")]
-#![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
 mod bridge;
+#[cfg(feature = "testing")]
 mod cluster;
-mod envelope;
 mod error;
 mod executor;
-mod frame;
-mod outbox;
+mod protocol;
 mod python;
 mod remote;
 mod report;
@@ -18,14 +17,15 @@ pub use error::RayError;
 pub use remote::{RemoteOptions, remote_options};
 pub use runner::RayTaskRunner;
 
-/// Throwaway local Ray clusters, for tests and examples.
+/// Throwaway local Ray clusters, for tests and examples (the `testing` feature).
+#[cfg(feature = "testing")]
 pub mod testing {
-    pub use crate::cluster::{LocalCluster, LocalClusterBuilder};
+    pub use crate::cluster::{ClusterError, LocalCluster, LocalClusterBuilder};
 }
 
 /// Figures about this process's connection to Ray, for checking where data went.
 pub mod diagnostics {
-    pub use crate::bridge::BridgeStats;
+    pub use crate::protocol::BridgeStats;
 
     /// The figures of the live Ray bridge (this program's Ray driver process), if one is
     /// running: its peak memory, and how many task values it holds references to.
@@ -45,3 +45,8 @@ pub mod diagnostics {
         usage.ru_maxrss as u64 * 1024
     }
 }
+
+/// The repository README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;

@@ -3,15 +3,15 @@
 use std::path::{Path, PathBuf};
 
 /// The environment variable that names the Python to use.
-pub const PYTHON_ENV: &str = "PREFECT_RAY_PYTHON";
+pub(crate) const PYTHON_ENV: &str = "PREFECT_RAY_PYTHON";
 
 /// The Ray release this crate is built and tested against.
-pub const RAY_REQUIREMENT: &str = "ray[default]==2.60.0";
+pub(crate) const RAY_REQUIREMENT: &str = "ray[default]==2.60.0";
 
 /// The Python the bridge runs on: `PREFECT_RAY_PYTHON` if set; else the `.venv` of the
 /// current directory or the nearest parent that has one (where `cargo xtask setup` puts
 /// it); else the active virtual environment; else `python3` from `PATH`.
-pub fn find(explicit: Option<&Path>) -> PathBuf {
+pub(crate) fn find(explicit: Option<&Path>) -> PathBuf {
     if let Some(path) = explicit {
         return path.to_path_buf();
     }
@@ -36,7 +36,7 @@ pub fn find(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// What to do when `python` has no Ray.
-pub fn install_hint(python: &Path) -> String {
+pub(crate) fn install_hint(python: &Path) -> String {
     format!(
         "Ray is not installed for {}: run `cargo xtask setup` in the prefect-ray repository (it creates .venv with {RAY_REQUIREMENT}), \
          or `pip install '{RAY_REQUIREMENT}'`, or set {PYTHON_ENV} to a Python that has Ray",

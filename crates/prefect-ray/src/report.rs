@@ -8,10 +8,11 @@ use prefect::logging::TIMESTAMP_FIELD;
 use prefect::runner::{ResultData, TaskRun, not_ready};
 
 use crate::bridge::PendingRun;
-use crate::envelope::{self, OutputLine, Stream};
+use crate::protocol::FailureKind;
+use crate::protocol::envelope::{self, OutputLine, Stream};
 
 /// Applies a run's report: replays its output under the run's name, then its states.
-pub fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {
+pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {
     let run = pending.run;
     let (report, inline_value) = match envelope::decode_report(report) {
         Ok(decoded) => decoded,
@@ -72,10 +73,10 @@ fn replay(line: &OutputLine) {
 /// Ends a run that Ray could not finish. A run whose dependency did not complete ends
 /// `NotReady` (Ray fails it with the dependency's error); otherwise `kind` decides.
 /// Decided once every dependency has finished, whatever order Ray reports them in.
-pub fn fail(pending: PendingRun, kind: String, message: String) {
+pub(crate) fn fail(pending: PendingRun, kind: FailureKind, message: String) {
     let unfinished: Vec<TaskRun> = pending.dependencies.iter().filter(|d| !d.is_finished()).cloned().collect();
     if unfinished.is_empty() {
-        decide(pending, &kind, &message);
+        decide(pending, kind, &message);
         return;
     }
     let waiting = Arc::new(AtomicUsize::new(unfinished.len()));
@@ -86,21 +87,21 @@ pub fn fail(pending: PendingRun, kind: String, message: String) {
             if waiting.fetch_sub(1, Ordering::AcqRel) == 1
                 && let Some((pending, kind, message)) = decision.lock().unwrap_or_else(|p| p.into_inner()).take()
             {
-                decide(pending, &kind, &message);
+                decide(pending, kind, &message);
             }
         });
     }
 }
 
-fn decide(pending: PendingRun, kind: &str, message: &str) {
+fn decide(pending: PendingRun, kind: FailureKind, message: &str) {
     if let Some(upstream) = pending.dependencies.iter().find(|d| !d.state().is_completed()) {
         pending.run.finish(not_ready(upstream.name(), &upstream.state()), None);
         return;
     }
     let state = match kind {
-        "cancelled" => State::cancelled(message),
-        "failed" => State::failed(message),
-        _ => State::crashed(message),
+        FailureKind::Cancelled => State::cancelled(message),
+        FailureKind::Failed => State::failed(message),
+        FailureKind::Crashed => State::crashed(message),
     };
     pending.run.finish(state, None);
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bridge::{Bridge, BridgeConfig, Call, PendingRun, RayObject, Shared};
-use crate::envelope::CallHeader;
+use crate::protocol::envelope::CallHeader;
 
 /// Runs task runs as Ray tasks: on a temporary local Ray instance by default, or on an
 /// existing cluster given by [`address`](Self::address).
@@ -282,9 +282,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
         upstreams: upstream_names,
         wait_for: wait_names,
     };
-    // The first byte says "one run" (see the executor).
-    let mut encoded = vec![0u8];
-    let header = match rmp_serde::encode::write_named(&mut encoded, &header).map(|()| encoded) {
+    let header = match rmp_serde::to_vec_named(&header) {
         Ok(header) => header,
         Err(error) => {
             spec.run.crash(format!("could not encode the call: {error}"));

@@ -10,7 +10,7 @@ use crate::bridge::Shared;
 static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
 
 /// Remembers a bridge to shut down on a signal.
-pub fn register(shared: &Arc<Shared>) {
+pub(crate) fn register(shared: &Arc<Shared>) {
     let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
     live.retain(|weak| weak.strong_count() > 0);
     live.push(Arc::downgrade(shared));
@@ -19,7 +19,7 @@ pub fn register(shared: &Arc<Shared>) {
 /// Starts the thread that waits for SIGINT, SIGTERM and SIGHUP. On one, it shuts down every
 /// live bridge (and with them the temporary Ray instances), then ends the process as the
 /// signal would have.
-pub fn install() {
+pub(crate) fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {

@@ -3,7 +3,7 @@
 mod support;
 
 use prefect::flow;
-use prefect_ray::RayTaskRunner;
+use prefect_ray::{RayError, RayTaskRunner};
 
 /// A Python without Ray: a bare virtual environment.
 fn python_without_ray() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -24,7 +24,9 @@ fn with_default_python() {}
 #[test]
 fn a_python_without_ray_says_which_command_to_run() {
     let (_dir, python) = python_without_ray();
-    let error = with_python(python.clone()).unwrap_err().to_string();
+    let error = with_python(python.clone()).unwrap_err();
+    assert!(matches!(error.runner_error::<RayError>(), Some(RayError::NoRay { .. })), "{error:?}");
+    let error = error.to_string();
     assert!(error.contains(&format!("Ray is not installed for {}", python.display())), "{error}");
     assert!(error.contains("cargo xtask setup") && error.contains("pip install 'ray[default]==2.60.0'"), "{error}");
     assert!(error.contains("PREFECT_RAY_PYTHON"), "{error}");
@@ -32,7 +34,9 @@ fn a_python_without_ray_says_which_command_to_run() {
 
 #[test]
 fn a_missing_python_says_the_same() {
-    let error = with_python("/nonexistent/bin/python".into()).unwrap_err().to_string();
+    let error = with_python("/nonexistent/bin/python".into()).unwrap_err();
+    assert!(matches!(error.runner_error::<RayError>(), Some(RayError::NoPython { .. })), "{error:?}");
+    let error = error.to_string();
     assert!(error.contains("Ray is not installed for /nonexistent/bin/python"), "{error}");
 }
 

@@ -378,7 +378,12 @@ fn a_wrong_token_fails_with_a_clear_error() {
     let cluster = cluster();
     #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address).auth_token("not-the-token").connect_timeout(Duration::from_secs(60)))]
     fn refused(address: &str) {}
-    let error = refused(&cluster.gcs_address).unwrap_err().to_string();
+    let error = refused(&cluster.gcs_address).unwrap_err();
+    assert!(
+        matches!(error.runner_error::<prefect_ray::RayError>(), Some(prefect_ray::RayError::TokenRefused { .. })),
+        "{error:?}"
+    );
+    let error = error.to_string();
     assert!(error.contains("could not connect to Ray"), "{error}");
     assert!(
         error.to_lowercase().contains("token") || error.contains("auth"),

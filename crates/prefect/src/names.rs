@@ -76,14 +76,17 @@ const ANIMALS: &[&str] = &[
 ];
 
 /// A random `adjective-animal` name.
-///
-/// # Examples
-///
-/// ```
-/// let name = prefect::names::generate();
-/// assert_eq!(name.split('-').count(), 2);
-/// ```
 pub(crate) fn generate() -> String {
     let pick = |words: &[&'static str]| words[rand::random_range(0..words.len())];
     format!("{}-{}", pick(ADJECTIVES), pick(ANIMALS))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_an_adjective_and_an_animal() {
+        let name = super::generate();
+        let (adjective, animal) = name.split_once('-').unwrap();
+        assert!(super::ADJECTIVES.contains(&adjective) && super::ANIMALS.contains(&animal), "{name}");
+    }
 }

@@ -186,19 +186,47 @@ thread_local! {
 ///
 /// # Examples
 ///
+/// A runner sees the scope's options in each run's spec:
+///
 /// ```
-/// use prefect::options::with_remote_options;
-/// use serde_json::json;
+/// use std::sync::Mutex;
+/// use prefect::runner::{FlowRunInfo, RunnerError, TaskRunSpec, TaskRunner, run_here, with_remote_options};
+/// use serde_json::{json, Map, Value};
+///
+/// static SEEN: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+///
+/// #[derive(Debug)]
+/// struct Recording;
+///
+/// impl TaskRunner for Recording {
+///     fn name(&self) -> String {
+///         "Recording".into()
+///     }
+///     fn start(&self, _: &FlowRunInfo) -> Result<(), RunnerError> {
+///         Ok(())
+///     }
+///     fn submit(&self, spec: TaskRunSpec) {
+///         SEEN.lock().unwrap().push(spec.options.remote_options["num_cpus"].clone());
+///         run_here(spec);
+///     }
+///     fn stop(&self) {}
+/// }
 ///
 /// #[prefect::task(num_cpus = 1)]
 /// fn train(epochs: u32) -> u32 {
 ///     epochs
 /// }
 ///
-/// let mut outer = serde_json::Map::new();
-/// outer.insert("num_cpus".into(), json!(4));
-/// let options = with_remote_options(outer, || train.task().with_options(|_| {}).options());
-/// assert_eq!(options.remote_options["num_cpus"], json!(1), "options() shows the task's own");
+/// #[prefect::flow(task_runner = Recording)]
+/// fn training() {
+///     let mut more = Map::new();
+///     more.insert("num_cpus".into(), json!(4));
+///     with_remote_options(more, || train.submit(1).wait(None));
+///     train.submit(2).wait(None);
+/// }
+///
+/// training().unwrap();
+/// assert_eq!(*SEEN.lock().unwrap(), [json!(4), json!(1)]);
 /// ```
 pub fn with_remote_options<R>(options: Map<String, Value>, body: impl FnOnce() -> R) -> R {
     struct Pop;

@@ -1,29 +1,33 @@
 """The worker side of prefect-ray for Rust: runs Rust tasks inside Ray workers.
 
-Each Ray task calls `run_task`, which hands the task's header and its upstream values to an
+Each Ray task calls `run_task`, which hands the task's call and its upstream values to an
 executor: the user's own binary, started in executor mode and kept alive for the life of
-the worker process. The executor answers with the run's status (states, logs) and value.
-Data frames travel over a pair of pipes, never over stdout, so nothing a task prints can
-corrupt them.
+the worker process. The executor answers with the run's report (states, logs) and value.
+Frames travel over a pair of pipes, never over stdout, so nothing a task prints can corrupt
+them (see PROTOCOL.md in the prefect-ray crate).
 """
 
+from __future__ import annotations
+
 import fcntl
+import io
 import mmap
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import tempfile
+from collections.abc import Callable
+from typing import Any, Union
+
+from .protocol import EXECUTOR_ENV, IN_FILE, RESTART, SHIPPED_PREFIX, parts_header, write_all
 
 F_SETPIPE_SZ = 1031
 # Values larger than this come back as the bytearray they were read into: Ray stores a
 # bytearray out of band, without first copying it into Python bytes.
 LARGE = 1 << 16
 
-_executors = {}
-
-# The first byte of a blob kept in a shared-memory file; the rest is the file's path.
-IN_FILE = 2
 _SHARED = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
@@ -34,17 +38,20 @@ class Blob:
 
     __slots__ = ("view",)
 
-    def __init__(self, view):
+    def __init__(self, view: memoryview) -> None:
         self.view = view
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[Blob], tuple[pickle.PickleBuffer]]:
         return (Blob, (pickle.PickleBuffer(self.view),))
 
-    def __bytes__(self):
+    def __bytes__(self) -> bytes:
         return bytes(self.view)
 
 
-def _from_executor(part):
+Part = Union[bytes, bytearray, memoryview]
+
+
+def _from_executor(part: Part) -> Part | Blob:
     """A value part from the executor: the bytes, or a Blob mapped from the file it names."""
     if part[:1] != bytes([IN_FILE]):
         return part
@@ -55,15 +62,13 @@ def _from_executor(part):
     return Blob(memoryview(mapped))
 
 
-def _to_executor(dependency):
+def _to_executor(dependency: Any) -> Part:
     """A dependency for the executor: small ones as they are, Blobs through a file."""
     if not isinstance(dependency, Blob):
-        return dependency
+        return dependency  # type: ignore[no-any-return]
     descriptor, path = tempfile.mkstemp(prefix="prefect-ray-", dir=_SHARED)
     try:
-        view = memoryview(dependency.view).cast("B")
-        while view:
-            view = view[os.write(descriptor, view):]
+        write_all(descriptor, dependency.view)
     finally:
         os.close(descriptor)
     return bytes([IN_FILE]) + path.encode()
@@ -74,7 +79,7 @@ class ExecutorCrashed(Exception):
 
 
 class _Executor:
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         command_read, command_write = os.pipe()
         reply_read, reply_write = os.pipe()
         for pipe in (command_write, reply_write):
@@ -83,7 +88,7 @@ class _Executor:
             except OSError:
                 pass
         env = dict(os.environ)
-        env["PREFECT_RAY_EXECUTOR"] = f"{command_read},{reply_write}"
+        env[EXECUTOR_ENV] = f"{command_read},{reply_write}"
         self.path = path
         self.process = subprocess.Popen(
             [path],
@@ -96,27 +101,23 @@ class _Executor:
         os.close(reply_write)
         self.commands = os.fdopen(command_write, "wb", buffering=0)
         self.commands_fd = command_write
-        self.replies = os.fdopen(reply_read, "rb", buffering=1 << 16)
+        self.replies = io.BufferedReader(io.FileIO(reply_read, "rb"), buffer_size=1 << 16)
 
-    def call(self, parts):
+    def call(self, parts: list[Part]) -> list[Part]:
+        """Sends a parts frame; returns the reply's parts."""
         sizes = [memoryview(part).nbytes for part in parts]
-        header = struct.pack(f"<I{len(parts)}Q", len(parts), *sizes)
+        header = parts_header(sizes)
         if sum(sizes) < LARGE:
-            self._write(b"".join([header, *parts]))
+            write_all(self.commands_fd, b"".join([header, *parts]))
         else:
-            self._write(header)
+            write_all(self.commands_fd, header)
             for part in parts:
-                self._write(part)
+                write_all(self.commands_fd, part)
         (count,) = struct.unpack("<I", self._read(4))
         lengths = struct.unpack(f"<{count}Q", self._read(8 * count))
         return [self._read(length) for length in lengths]
 
-    def _write(self, data):
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self.commands_fd, view):]
-
-    def _read(self, length):
+    def _read(self, length: int) -> bytes | bytearray:
         if length <= LARGE:
             data = self.replies.read(length)
             if len(data) < length:
@@ -132,7 +133,7 @@ class _Executor:
             filled += read
         return buffer
 
-    def close(self, kill=False):
+    def close(self, kill: bool = False) -> int | None:
         for stream in (self.commands, self.replies):
             try:
                 stream.close()
@@ -147,27 +148,29 @@ class _Executor:
             return self.process.wait()
 
 
-def _describe_exit(code):
+_executors: dict[str, _Executor] = {}
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, as a user reads it."""
     if code is None:
         return "it did not exit"
     if code < 0:
         try:
-            import signal
-
             return f"it was killed by signal {signal.Signals(-code).name}"
-        except (ValueError, ImportError):
+        except ValueError:
             return f"it was killed by signal {-code}"
     return f"it exited with code {code}"
 
 
-def executor_path(spec):
+def executor_path(spec: str) -> str:
     """An absolute path, or `shipped:<name>` for a binary shipped in this package."""
-    if spec.startswith("shipped:"):
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", spec[len("shipped:"):])
+    if spec.startswith(SHIPPED_PREFIX):
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", spec[len(SHIPPED_PREFIX) :])
     return spec
 
 
-def _call(executor, parts):
+def _call(executor: str, parts: list[Any]) -> list[Part]:
     """Hands a call to this worker's executor (started on first use); returns its reply."""
     current = _executors.get(executor)
     if current is None:
@@ -179,47 +182,47 @@ def _call(executor, parts):
         code = current.close(kill=True)
         raise ExecutorCrashed(
             f"the task's executor process ({os.path.basename(current.path)}, pid {current.process.pid}) died "
-            f"while running it: {_describe_exit(code)} ({error.__class__.__name__})"
+            f"while running it: {describe_exit(code)} ({error.__class__.__name__})"
         ) from None
     except BaseException:
         # Cancelled (KeyboardInterrupt from ray.cancel) or stopped: the run must stop too.
         _executors.pop(executor, None)
         current.close(kill=True)
         raise
-    if control == b"exit":
+    if control == RESTART:
         # A timed-out attempt is still running in the executor: end it with its process.
         _executors.pop(executor, None)
         current.close(kill=True)
     return reply
 
 
-def run_task(executor, header, *dependencies):
+def run_task(executor: str, call: bytes, *dependencies: Any) -> tuple[Part, Part | Blob]:
     """The body of a Ray task of one run; returns (report, value)."""
-    report, value = _call(executor, [header, *dependencies])
+    report, value = _call(executor, [call, *dependencies])
     return report, _from_executor(value)
 
 
-def run_batch(executor, headers, *dependencies):
+def run_batch(executor: str, call: bytes, *dependencies: Any) -> tuple[Part | Blob, ...]:
     """The body of a Ray task of several runs; returns (reports, value, value, ...)."""
-    reports, *values = _call(executor, [headers, *dependencies])
+    reports, *values = _call(executor, [call, *dependencies])
     return (reports, *map(_from_executor, values))
 
 
-def _named(body, name, executor):
-    def task(header, *dependencies):
-        return body(executor, header, *dependencies)
+def _named(body: Callable[..., Any], name: str, executor: str) -> Callable[..., Any]:
+    def task(call: bytes, *dependencies: Any) -> Any:
+        return body(executor, call, *dependencies)
 
     task.__name__ = name
     task.__qualname__ = name
     return task
 
 
-def named(name, executor):
+def named(name: str, executor: str) -> Callable[..., Any]:
     """`run_task` for one task: named after it, so Ray shows and logs it by that name, and
-    bound to the executor that runs it, so calls carry only the run's header and inputs."""
+    bound to the executor that runs it, so calls carry only the run's call and inputs."""
     return _named(run_task, name, executor)
 
 
-def named_batch(name, executor):
+def named_batch(name: str, executor: str) -> Callable[..., Any]:
     """`run_batch` for one task, named and bound the same way."""
     return _named(run_batch, name, executor)

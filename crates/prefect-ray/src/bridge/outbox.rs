@@ -23,14 +23,14 @@ struct Shared {
 }
 
 /// The sending side; [`Outbox::close`] writes what is pending and closes the pipe.
-pub struct Outbox {
+pub(crate) struct Outbox {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Outbox {
     /// Starts the thread that writes to `pipe`.
-    pub fn new(mut pipe: impl Write + Send + 'static) -> std::io::Result<Self> {
+    pub(crate) fn new(mut pipe: impl Write + Send + 'static) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new().name("prefect-ray-commands".into()).spawn(move || {
@@ -62,7 +62,7 @@ impl Outbox {
     /// # Errors
     ///
     /// If the pipe broke or the outbox is closed.
-    pub fn send(&self, encode: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> Result<(), String> {
+    pub(crate) fn send(&self, encode: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> Result<(), String> {
         let mut pending = lock(&self.shared.pending);
         if let Some(error) = &pending.failed {
             return Err(error.clone());
@@ -78,7 +78,7 @@ impl Outbox {
     }
 
     /// Writes what is pending, then closes the pipe (the bridge reads its end of input).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         lock(&self.shared.pending).closing = true;
         self.shared.ready.notify_one();
         if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {

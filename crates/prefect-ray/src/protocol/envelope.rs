@@ -10,42 +10,32 @@ use prefect::{State, TaskOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The first byte of a report or value of a completed run.
-pub const COMPLETED: u8 = 0;
-/// The first byte of a report or value of a run that did not complete.
-pub const NOT_COMPLETED: u8 = 1;
-/// The first byte of a blob between the trampoline and the executor that is kept in a
-/// shared-memory file instead: the rest is the file's path.
-pub const IN_FILE: u8 = 2;
-
-/// Values larger than this go between the executor and the trampoline through a
-/// shared-memory file rather than the pipe: one copy instead of three.
-pub const FILE_LIMIT: usize = 1 << 20;
+use super::{COMPLETED, INLINE_VALUE_LIMIT, NOT_COMPLETED};
 
 /// Everything an executor needs to run one task run.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct CallHeader {
+pub(crate) struct CallHeader {
     /// The task's registered key.
-    pub task_key: String,
+    pub(crate) task_key: String,
     /// The fingerprint of the task's code in the driver's binary.
-    pub fingerprint: String,
+    pub(crate) fingerprint: String,
     /// The task run's id.
-    pub run_id: Uuid,
+    pub(crate) run_id: Uuid,
     /// The task run's name.
-    pub run_name: String,
+    pub(crate) run_name: String,
     /// One argument per parameter; `Arg::Upstream(i)` is the value of dependency `i`.
-    pub args: Vec<Arg>,
+    pub(crate) args: Vec<Arg>,
     /// Retries, timeout, tags.
-    pub options: TaskOptions,
+    pub(crate) options: TaskOptions,
     /// The names of the upstream runs whose values follow the header, in order.
-    pub upstreams: Vec<String>,
+    pub(crate) upstreams: Vec<String>,
     /// The names of the runs waited for, whose reports follow the values.
-    pub wait_for: Vec<String>,
+    pub(crate) wait_for: Vec<String>,
 }
 
 /// Where a line of a task's output came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Stream {
+pub(crate) enum Stream {
     /// The task wrote it to stdout (`println!`).
     Stdout,
     /// The task wrote it to stderr (`eprintln!`).
@@ -56,34 +46,30 @@ pub enum Stream {
 
 /// One line of a task's output, with the time it was written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OutputLine {
+pub(crate) struct OutputLine {
     /// When the task wrote it, on the worker's clock.
     #[serde(with = "chrono::serde::ts_microseconds")]
-    pub time: DateTime<Utc>,
+    pub(crate) time: DateTime<Utc>,
     /// Where it came from.
-    pub stream: Stream,
+    pub(crate) stream: Stream,
     /// The text, without its newline.
-    pub text: String,
+    pub(crate) text: String,
 }
 
 /// How a run went on the worker: every state it entered, and what it printed and logged.
 /// Encoded compactly (MessagePack arrays, times as microseconds): every run sends one.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct RunReport {
+pub(crate) struct RunReport {
     /// The states after `Pending`, in order; the last is final.
     #[serde(with = "compact_states")]
-    pub states: Vec<State>,
+    pub(crate) states: Vec<State>,
     /// Output and log lines, in order.
-    pub output: Vec<OutputLine>,
+    pub(crate) output: Vec<OutputLine>,
     /// Lines dropped because the run's output was over the limit.
-    pub dropped_lines: u64,
+    pub(crate) dropped_lines: u64,
     /// The executor's process id.
-    pub pid: u32,
+    pub(crate) pid: u32,
 }
-
-/// Values up to this size also travel inside the report, so the driver has them at hand
-/// without asking Ray: Ray hands results this small to the driver's process anyway.
-pub const INLINE_VALUE_LIMIT: usize = 64 << 10;
 
 /// States as `[type, name if not the type's, message, time in µs, scheduled time in µs]`.
 mod compact_states {
@@ -93,7 +79,7 @@ mod compact_states {
 
     type Wire = (StateType, Option<String>, Option<String>, i64, Option<i64>);
 
-    pub fn serialize<S: Serializer>(states: &[State], serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(states: &[State], serializer: S) -> Result<S::Ok, S::Error> {
         let wire: Vec<Wire> = states
             .iter()
             .map(|state| {
@@ -105,7 +91,7 @@ mod compact_states {
         wire.serialize(serializer)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<State>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<State>, D::Error> {
         let time = |micros: i64| DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default();
         let wire = Vec::<Wire>::deserialize(deserializer)?;
         Ok(wire
@@ -124,7 +110,7 @@ mod compact_states {
 /// Encodes a report: its completion byte, then the report, then, for a small value, the
 /// value blob (the completion byte, then the value; see [`decode_value`]). The first byte alone tells a dependent run whether
 /// the run completed.
-pub fn encode_report(report: &RunReport, value: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn encode_report(report: &RunReport, value: &[&[u8]]) -> Vec<u8> {
     let completed = report.states.last().is_some_and(State::is_completed);
     let mut bytes = vec![if completed { COMPLETED } else { NOT_COMPLETED }, 0, 0, 0, 0];
     rmp_serde::encode::write(&mut bytes, report).expect("a report always serializes");
@@ -137,7 +123,7 @@ pub fn encode_report(report: &RunReport, value: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Decodes a report written by [`encode_report`], with the value blob it carries, if any.
-pub fn decode_report(bytes: &[u8]) -> Result<(RunReport, Option<&[u8]>), String> {
+pub(crate) fn decode_report(bytes: &[u8]) -> Result<(RunReport, Option<&[u8]>), String> {
     let length = bytes.get(1..5).ok_or("a report cut short")?;
     let length = u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize;
     let body = bytes.get(5..5 + length).ok_or("a report cut short")?;
@@ -147,7 +133,7 @@ pub fn decode_report(bytes: &[u8]) -> Result<(RunReport, Option<&[u8]>), String>
 }
 
 /// The value in a blob, or the reason the run has none.
-pub fn decode_value(bytes: &[u8]) -> Result<&[u8], String> {
+pub(crate) fn decode_value(bytes: &[u8]) -> Result<&[u8], String> {
     match bytes.split_first() {
         Some((&COMPLETED, body)) => Ok(body),
         Some((_, reason)) => Err(String::from_utf8_lossy(reason).into_owned()),

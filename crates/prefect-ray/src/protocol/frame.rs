@@ -1,22 +1,28 @@
-//! Length-prefixed frames: how the runner talks to its bridge, and the trampoline to an
-//! executor.
+//! Framing: length-prefixed MessagePack frames (the bridge's configuration and replies), and
+//! frames of byte strings ("parts": calls and replies between a trampoline and its
+//! executor).
 
 use std::io::{self, Read, Write};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Writes one MessagePack frame: a little-endian `u32` length, then the message. (The
-/// bridge's configuration goes this way; its later commands are a plain MessagePack stream.)
-pub fn write_message<T: Serialize + ?Sized>(out: &mut impl Write, message: &T) -> io::Result<()> {
-    let body = rmp_serde::to_vec(message).map_err(io::Error::other)?;
+/// Writes one frame: a little-endian `u32` length, then the body.
+pub(crate) fn write_frame(out: &mut impl Write, body: &[u8]) -> io::Result<()> {
     let length = u32::try_from(body.len()).map_err(|_| io::Error::other("a message over 4 GiB"))?;
     out.write_all(&length.to_le_bytes())?;
-    out.write_all(&body)
+    out.write_all(body)
+}
+
+/// Writes one frame whose body is `message` in MessagePack, records as maps with named
+/// keys: how the bridge's configuration goes. (Its later commands are a plain MessagePack
+/// stream, records as arrays.)
+pub(crate) fn write_message_named<T: Serialize + ?Sized>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    write_frame(out, &rmp_serde::to_vec_named(message).map_err(io::Error::other)?)
 }
 
 /// Reads one MessagePack frame; `None` at a clean end of the stream.
-pub fn read_message<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+pub(crate) fn read_message<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
     let mut length = [0u8; 4];
     match input.read_exact(&mut length) {
         Ok(()) => {}
@@ -31,7 +37,7 @@ pub fn read_message<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Op
 /// Writes byte strings as one frame: a `u32` count, a `u64` length each, then the bytes.
 /// Each part is given as slices that are written one after the other, so a part made of a
 /// tag and a large value needs no copy to join them.
-pub fn write_parts(out: &mut impl Write, parts: &[&[&[u8]]]) -> io::Result<()> {
+pub(crate) fn write_parts(out: &mut impl Write, parts: &[&[&[u8]]]) -> io::Result<()> {
     let mut header = Vec::with_capacity(4 + 8 * parts.len());
     header.extend_from_slice(&(parts.len() as u32).to_le_bytes());
     for part in parts {
@@ -46,7 +52,7 @@ pub fn write_parts(out: &mut impl Write, parts: &[&[&[u8]]]) -> io::Result<()> {
 }
 
 /// Reads a frame written by [`write_parts`]; `None` at a clean end of the stream.
-pub fn read_parts(input: &mut impl Read) -> io::Result<Option<Vec<Vec<u8>>>> {
+pub(crate) fn read_parts(input: &mut impl Read) -> io::Result<Option<Vec<Vec<u8>>>> {
     let mut count = [0u8; 4];
     match input.read_exact(&mut count) {
         Ok(()) => {}
@@ -84,7 +90,7 @@ mod tests {
     #[test]
     fn messages_round_trip_and_a_cut_frame_is_an_error() {
         let mut buffer = Vec::new();
-        write_message(&mut buffer, &("submit", 7u64, vec![1u64, 2])).unwrap();
+        write_frame(&mut buffer, &rmp_serde::to_vec(&("submit", 7u64, vec![1u64, 2])).unwrap()).unwrap();
         let (name, key, deps): (String, u64, Vec<u64>) = read_message(&mut buffer.as_slice()).unwrap().unwrap();
         assert_eq!((name.as_str(), key, deps), ("submit", 7, vec![1, 2]));
         let cut = &buffer[..buffer.len() - 1];

@@ -1,0 +1,111 @@
+"""What the bridge decides without Ray's help: whether an address answers, whether a
+resource request can ever be met, and how a Ray error ends a run. Kept apart from the
+bridge's process loop so each can be tested alone (python/tests).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .protocol import FailureKind
+
+
+class Unreachable(Exception):
+    """Nothing answers at the cluster's address."""
+
+
+class InvalidAddress(Exception):
+    """The address is not a host and a port."""
+
+
+class TokenRefused(Exception):
+    """The cluster refused this driver's authentication token."""
+
+
+def probe_target(address: str) -> tuple[str, int] | None:
+    """The host and port to probe for `address` (``ray://host:port`` or ``host:port``), or
+    ``None`` for addresses Ray resolves itself (``auto``, ``local``, a bare name).
+
+    Raises `InvalidAddress` when the port is not a number."""
+    target = address[len("ray://") :] if address.startswith("ray://") else address
+    if target in ("auto", "local") or ":" not in target:
+        return None
+    host, _, port = target.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise InvalidAddress(f"{target} is not a host:port address: the port {port!r} is not a number") from None
+
+
+def probe(address: str, wait: float = 15.0) -> None:
+    """Fails fast when nothing listens at the address: Ray itself would wait for minutes.
+    Tries again for up to `wait` seconds, for a cluster that is still starting."""
+    target = probe_target(address)
+    if target is None:
+        return
+    host, port = target
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise Unreachable(
+                    f"nothing answers at {host}:{port} ({error}); check that the cluster is running and the address is right"
+                ) from None
+            time.sleep(0.25)
+
+
+def demand(options: Mapping[str, Any]) -> dict[str, float]:
+    """What one run with these Ray options asks of a node: CPUs, GPUs, memory and custom
+    resources, the ones it asks none of left out."""
+    wanted = {"CPU": float(options.get("num_cpus", 1) or 0), "GPU": float(options.get("num_gpus", 0) or 0)}
+    if options.get("memory"):
+        wanted["memory"] = float(options["memory"])
+    for name, amount in (options.get("resources") or {}).items():
+        wanted[name] = float(amount)
+    return {name: amount for name, amount in wanted.items() if amount > 0}
+
+
+def unmet_request(options: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why no live node (as `ray.nodes()` describes them) can ever run a task with these
+    options, or ``None`` when one can or the placement is not ours to judge."""
+    wanted = demand(options)
+    if not wanted or options.get("scheduling_strategy") not in (None, "DEFAULT", "SPREAD"):
+        return None
+    alive = [node for node in nodes if node.get("Alive")]
+    if any(all(node.get("Resources", {}).get(name, 0) >= amount for name, amount in wanted.items()) for node in alive):
+        return None
+    described = ", ".join(
+        "{"
+        + ", ".join(
+            f"{k}: {v:g}"
+            for k, v in sorted(node.get("Resources", {}).items())
+            if not k.startswith("node:") and k != "object_store_memory"
+        )
+        + "}"
+        for node in alive
+    )
+    asked = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
+    return (
+        f"no node of the Ray cluster can ever meet this request ({asked}); its {len(alive)} live node(s) have {described}. "
+        f"Lower the request, or add a node that has it"
+    )
+
+
+def classify(error: BaseException, crashed: type[BaseException], cancelled: type[BaseException]) -> tuple[FailureKind, str]:
+    """How a run ends for a Ray error, and a one-line message. The trampoline reports task
+    failures in the report it returns, so an error here means Ray could not run the task to
+    its end: it crashed, unless it was cancelled. `crashed` is the trampoline's
+    ExecutorCrashed, `cancelled` Ray's TaskCancelledError."""
+    cause = getattr(error, "cause", None)
+    if isinstance(error, cancelled) or isinstance(cause, cancelled):
+        return FailureKind.CANCELLED, "the task was cancelled in Ray"
+    if isinstance(cause, crashed):
+        return FailureKind.CRASHED, str(cause)
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return FailureKind.CRASHED, f"{type(error).__name__}: {lines[-1] if lines else 'no details'}"

@@ -1,0 +1,99 @@
+"""What the bridge decides without Ray's help: addresses, resource requests, and how a Ray
+error ends a run."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import ray.exceptions
+
+from prefect_ray_worker import ExecutorCrashed
+from prefect_ray_worker.driver import InvalidAddress, Unreachable, classify, probe, probe_target, unmet_request
+from prefect_ray_worker.protocol import FailureKind
+
+
+def test_probe_targets_come_from_ray_client_and_gcs_addresses() -> None:
+    assert probe_target("ray://head:10001") == ("head", 10001)
+    assert probe_target("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert probe_target("[::1]:6379") == ("::1", 6379)
+    assert probe_target("auto") is None
+    assert probe_target("ray://auto") is None
+    with pytest.raises(InvalidAddress, match="the port 'x' is not a number"):
+        probe_target("head:x")
+
+
+def test_probing_a_closed_port_fails_once_the_wait_is_over() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match=f"nothing answers at 127.0.0.1:{port}"):
+        probe(f"127.0.0.1:{port}", wait=0.5)
+    assert time.monotonic() - started < 5
+
+
+def test_probing_an_open_port_succeeds() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        probe(f"ray://127.0.0.1:{listener.getsockname()[1]}", wait=0)
+
+
+def node(alive: bool = True, **resources: float) -> dict[str, object]:
+    return {"Alive": alive, "Resources": {"node:127.0.0.1": 1.0, "object_store_memory": 1e9, **resources}}
+
+
+def test_a_request_one_node_meets_is_fine_even_if_the_sum_is_needed_for_another() -> None:
+    nodes = [node(CPU=2.0), node(CPU=1.0, special=1.0)]
+    assert unmet_request({"num_cpus": 2}, nodes) is None
+    assert unmet_request({"num_cpus": 1, "resources": {"special": 1}}, nodes) is None
+
+
+def test_a_request_no_live_node_meets_says_what_each_has() -> None:
+    nodes = [node(CPU=2.0), node(CPU=1.0, special=1.0), node(alive=False, CPU=64.0)]
+    unmet = unmet_request({"num_cpus": 2, "resources": {"special": 1}}, nodes)
+    assert unmet is not None
+    assert unmet.startswith("no node of the Ray cluster can ever meet this request (CPU: 2, special: 1)")
+    assert "its 2 live node(s) have {CPU: 2}, {CPU: 1, special: 1}" in unmet
+
+
+def test_placements_we_cannot_judge_are_left_to_ray() -> None:
+    assert unmet_request({"num_cpus": 64, "scheduling_strategy": "NODE_AFFINITY"}, [node(CPU=2.0)]) is None
+    assert unmet_request({"num_cpus": 0}, []) is None
+
+
+def test_a_cancelled_task_is_cancelled() -> None:
+    kind, message = classify(
+        ray.exceptions.TaskCancelledError(), crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError
+    )
+    assert (kind, message) == (FailureKind.CANCELLED, "the task was cancelled in Ray")
+
+
+def test_a_dead_executor_crashes_with_its_own_words() -> None:
+    class Wrapped(Exception):
+        cause = ExecutorCrashed("the task's executor process (app, pid 7) died while running it: it was killed by signal SIGKILL")
+
+    kind, message = classify(Wrapped(), crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+    assert kind is FailureKind.CRASHED
+    assert message.endswith("killed by signal SIGKILL")
+
+
+def test_any_other_ray_error_crashes_with_its_last_line() -> None:
+    error = ray.exceptions.WorkerCrashedError()
+    kind, message = classify(error, crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+    assert kind is FailureKind.CRASHED
+    assert message.startswith("WorkerCrashedError: ")
+
+
+def test_a_gcs_address_where_nothing_listens_is_unreachable_within_the_wait() -> None:
+    from prefect_ray_worker.ray_internals import check_gcs
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match=f"nothing answers at 127.0.0.1:{port}"):
+        check_gcs(f"127.0.0.1:{port}", wait=0.5)
+    assert time.monotonic() - started < 3

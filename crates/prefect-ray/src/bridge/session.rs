@@ -1,0 +1,442 @@
+//! A connected bridge: the runs submitted through it, the replies that end them, the values
+//! it holds, and its shutdown.
+//!
+//! Every run submitted is in `dispatch.runs` until a reply ends it. When the bridge dies or
+//! shuts down, the session closes under the same lock that admits runs, and every run in it
+//! (and any submitted later) ends `Crashed`: no run outlives its session unended.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::BufReader;
+use std::process::{Child, ChildStdout};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prefect::runner::{RemoteResult, ResultData, TaskRun, TaskRunWriter};
+use serde_bytes::ByteBuf;
+use serde_json::{Map, Value};
+
+use super::handshake::Connected;
+use super::launch::{self, kill_group};
+use super::outbox::Outbox;
+use crate::error::RayError;
+use crate::protocol::envelope;
+use crate::protocol::frame::read_message;
+use crate::protocol::{
+    BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, Failed, Get, MANY_RUNS, NoValue,
+    ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
+};
+
+/// A remote function of the bridge: a task's options, and the function's number.
+type RemoteFunction = (Map<String, Value>, u32);
+
+/// The state of one bridge process, shared by its runners, its reader thread and the
+/// handles of the values it holds.
+pub(crate) struct Shared {
+    commands: Outbox,
+    child: Mutex<Child>,
+    dispatch: Mutex<Dispatch>,
+    room: Condvar,
+    /// The remote functions defined so far: per task, its options and the function's number.
+    functions: Mutex<HashMap<&'static str, Vec<RemoteFunction>>>,
+    next_key: AtomicU64,
+    pub(crate) info: ClusterInfo,
+    max_in_flight: usize,
+    alive: AtomicBool,
+    releases: Mutex<Vec<u64>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    temp_dir: Mutex<Option<tempfile::TempDir>>,
+}
+
+#[derive(Default)]
+struct Dispatch {
+    runs: HashMap<u64, PendingRun>,
+    requests: HashMap<u64, mpsc::Sender<Result<Answer, String>>>,
+    next_request: u64,
+    /// Why the session ended, once it has: set under the same lock that admits runs, so no
+    /// run is admitted after its runs were failed.
+    closed: Option<String>,
+}
+
+/// The bridge's answer to a request.
+enum Answer {
+    Value(Vec<u8>),
+    Stats(BridgeStats),
+}
+
+/// A run ready for Ray: its header (encoded [`CallHeader`](envelope::CallHeader)) and the
+/// keys of the Ray objects it depends on: values it takes, and runs it waits for.
+pub(crate) struct Call {
+    pub(crate) pending: PendingRun,
+    pub(crate) header: Vec<u8>,
+    pub(crate) value_keys: Vec<u64>,
+    pub(crate) report_keys: Vec<u64>,
+}
+
+/// A run submitted to Ray and not finished yet.
+pub(crate) struct PendingRun {
+    pub(crate) run: TaskRunWriter,
+    pub(crate) dependencies: Vec<TaskRun>,
+}
+
+/// A task run's value in Ray's object store; released when the last handle goes.
+pub(crate) struct RayObject {
+    pub(crate) key: u64,
+    shared: Weak<Shared>,
+}
+
+impl RayObject {
+    /// Whether this object lives in `shared`'s Ray session.
+    pub(crate) fn belongs_to(&self, shared: &Arc<Shared>) -> bool {
+        self.shared.as_ptr() == Arc::as_ptr(shared)
+    }
+}
+
+impl Drop for RayObject {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.release(self.key);
+        }
+    }
+}
+
+impl RemoteResult for RayObject {
+    fn fetch(&self) -> Result<Vec<u8>, String> {
+        let shared = self.shared.upgrade().ok_or_else(|| {
+            "the Ray session that held it has ended; call .result() inside the flow, or return the future from the flow".to_owned()
+        })?;
+        let blob = shared.fetch(self.key)?;
+        envelope::decode_value(&blob).map(<[u8]>::to_vec)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// The session of a bridge that has just connected; starts the thread that reads its
+    /// replies.
+    pub(super) fn open(connected: Connected, max_in_flight: usize) -> Result<Arc<Shared>, RayError> {
+        let Connected { info, commands, replies, launched } = connected;
+        let commands = Outbox::new(commands).map_err(RayError::setup("could not start a thread"))?;
+        let shared = Arc::new(Shared {
+            commands,
+            child: Mutex::new(launched.child),
+            dispatch: Mutex::new(Dispatch::default()),
+            room: Condvar::new(),
+            functions: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
+            info,
+            max_in_flight: max_in_flight.max(1),
+            alive: AtomicBool::new(true),
+            releases: Mutex::new(Vec::new()),
+            threads: Mutex::new(vec![launched.stderr.thread]),
+            stderr_tail: launched.stderr.tail,
+            temp_dir: Mutex::new(Some(launched.temp_dir)),
+        });
+        let reader_shared = Arc::downgrade(&shared);
+        let reader = std::thread::Builder::new()
+            .name("prefect-ray-replies".into())
+            .spawn(move || read_replies(replies, reader_shared))
+            .map_err(RayError::setup("could not start a thread"))?;
+        lock(&shared.threads).push(reader);
+        Ok(shared)
+    }
+
+    /// Whether the bridge is up and was not asked to stop.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    fn send(&self, command: &Command) -> Result<(), String> {
+        let releases = std::mem::take(&mut *lock(&self.releases));
+        self.commands
+            .send(|frames| {
+                // After the configuration, commands go as a plain stream of MessagePack values.
+                if !releases.is_empty() {
+                    rmp_serde::encode::write(frames, &Command::Release(Release { keys: releases }))
+                        .map_err(std::io::Error::other)?;
+                }
+                rmp_serde::encode::write(frames, command).map_err(std::io::Error::other)
+            })
+            .map_err(|e| format!("could not reach the Ray bridge: {e}{}", self.last_words()))
+    }
+
+    fn last_words(&self) -> String {
+        match launch::last_words(&self.stderr_tail) {
+            Some(line) => format!(" (its last words: {line})"),
+            None => String::new(),
+        }
+    }
+
+    /// The number of the remote function for this task with these options, defined on
+    /// first use.
+    pub(crate) fn function(
+        &self,
+        task_key: &'static str,
+        task_name: &str,
+        options: &Map<String, Value>,
+    ) -> Result<u32, String> {
+        let mut functions = lock(&self.functions);
+        if let Some((_, id)) = functions.get(task_key).into_iter().flatten().find(|(known, _)| known == options) {
+            return Ok(*id);
+        }
+        let function = functions.values().map(Vec::len).sum::<usize>() as u32;
+        let options_json = serde_json::to_string(options).expect("JSON values serialize");
+        self.send(&Command::Define(Define { function, task_name: task_name.to_owned(), options_json }))?;
+        functions.entry(task_key).or_default().push((options.clone(), function));
+        Ok(function)
+    }
+
+    /// Submits a run; its dependencies' values and reports are Ray objects of this bridge.
+    /// Blocks while `max_in_flight` runs are unfinished.
+    pub(crate) fn submit(self: &Arc<Self>, function: u32, call: Call) {
+        let Call { pending, header, value_keys, report_keys } = call;
+        let Some(key) = self.admit(vec![pending]).pop() else { return };
+        let mut blob = Vec::with_capacity(header.len() + 1);
+        blob.push(ONE_RUN);
+        blob.extend_from_slice(&header);
+        let submit = Submit { key, function, call: ByteBuf::from(blob), value_keys, report_keys };
+        if let Err(message) = self.send(&Command::Submit(submit)) {
+            self.fail_submitted(&[key], &message);
+        }
+    }
+
+    /// Submits the runs of `calls` as one Ray task, which runs them one after the other.
+    pub(crate) fn submit_batch(self: &Arc<Self>, function: u32, calls: Vec<Call>) {
+        let mut headers = Vec::with_capacity(calls.len());
+        let mut dependencies = Vec::with_capacity(calls.len());
+        let mut pendings = Vec::with_capacity(calls.len());
+        for Call { pending, header, value_keys, report_keys } in calls {
+            headers.push(ByteBuf::from(header));
+            dependencies.push(Dependencies { value_keys, report_keys });
+            pendings.push(pending);
+        }
+        let mut blob = vec![MANY_RUNS];
+        if let Err(error) = rmp_serde::encode::write(&mut blob, &headers) {
+            pendings.into_iter().for_each(|p| p.run.crash(format!("could not encode the calls: {error}")));
+            return;
+        }
+        let keys = self.admit(pendings);
+        if keys.is_empty() {
+            return;
+        }
+        let batch = SubmitBatch { keys: keys.clone(), function, call: ByteBuf::from(blob), dependencies };
+        if let Err(message) = self.send(&Command::SubmitBatch(batch)) {
+            self.fail_submitted(&keys, &message);
+        }
+    }
+
+    /// Registers runs as submitted, once `max_in_flight` leaves room; returns their keys
+    /// (none if the session has ended: then the runs end `Crashed`).
+    fn admit(self: &Arc<Self>, pendings: Vec<PendingRun>) -> Vec<u64> {
+        let mut dispatch = lock(&self.dispatch);
+        while dispatch.runs.len() >= self.max_in_flight && dispatch.closed.is_none() {
+            dispatch = self.room.wait(dispatch).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(reason) = dispatch.closed.clone() {
+            drop(dispatch);
+            for pending in pendings {
+                pending.run.crash(format!("the run could not be submitted: {reason}"));
+            }
+            return Vec::new();
+        }
+        pendings
+            .into_iter()
+            .map(|pending| {
+                let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+                pending.run.set_runner_data(Arc::new(RayObject { key, shared: Arc::downgrade(self) }));
+                dispatch.runs.insert(key, pending);
+                key
+            })
+            .collect()
+    }
+
+    fn fail_submitted(&self, keys: &[u64], message: &str) {
+        for key in keys {
+            if let Some(pending) = self.take_run(*key) {
+                pending.run.crash(message);
+            }
+        }
+    }
+
+    fn take_run(&self, key: u64) -> Option<PendingRun> {
+        let taken = lock(&self.dispatch).runs.remove(&key);
+        if taken.is_some() {
+            self.room.notify_all();
+        }
+        taken
+    }
+
+    /// Sends the command that `make` builds around a new request number, and waits for
+    /// the answer.
+    fn request(&self, make: impl FnOnce(u64) -> Command) -> Result<Answer, String> {
+        let (sender, receiver) = mpsc::channel();
+        let request = {
+            let mut dispatch = lock(&self.dispatch);
+            if let Some(reason) = &dispatch.closed {
+                return Err(reason.clone());
+            }
+            dispatch.next_request += 1;
+            let request = dispatch.next_request;
+            dispatch.requests.insert(request, sender);
+            request
+        };
+        if let Err(error) = self.send(&make(request)) {
+            lock(&self.dispatch).requests.remove(&request);
+            return Err(error);
+        }
+        receiver
+            .recv()
+            .unwrap_or_else(|_| Err(format!("the Ray bridge stopped before it answered{}", self.last_words())))
+    }
+
+    /// Fetches a value blob.
+    fn fetch(&self, key: u64) -> Result<Vec<u8>, String> {
+        match self.request(|request| Command::Get(Get { request, key }))? {
+            Answer::Value(bytes) => Ok(bytes),
+            Answer::Stats(_) => Err("the Ray bridge answered out of turn".to_owned()),
+        }
+    }
+
+    /// The bridge process's own figures.
+    pub(crate) fn stats(&self) -> Result<BridgeStats, String> {
+        match self.request(|request| Command::Stats(Stats { request }))? {
+            Answer::Stats(stats) => Ok(stats),
+            Answer::Value(_) => Err("the Ray bridge answered out of turn".to_owned()),
+        }
+    }
+
+    fn release(&self, key: u64) {
+        let mut releases = lock(&self.releases);
+        releases.push(key);
+        if releases.len() >= 1024 {
+            let keys = std::mem::take(&mut *releases);
+            drop(releases);
+            let _ = self.send(&Command::Release(Release { keys }));
+        }
+    }
+
+    /// Asks Ray to cancel every unfinished run.
+    pub(crate) fn cancel_all(&self) {
+        let keys: Vec<u64> = lock(&self.dispatch).runs.keys().copied().collect();
+        for key in keys {
+            let _ = self.send(&Command::Cancel(Cancel { key }));
+        }
+    }
+
+    /// Ends the bridge: Ray shuts down (the temporary instance with it), unfinished runs end
+    /// `Crashed`, the temporary directory goes. Safe to call more than once.
+    pub(crate) fn shut_down(&self) {
+        if self.stop_processes() {
+            self.fail_everything("the Ray session ended before the run finished");
+        }
+    }
+
+    /// Ends the bridge's processes and files without touching its runs, for a process that
+    /// is about to exit on a signal. Returns whether this call did the work.
+    pub(crate) fn stop_processes(&self) -> bool {
+        if !self.alive.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let _ = self.send(&Command::Shutdown);
+        self.commands.close();
+        let mut child = lock(&self.child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exited = loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break true,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => break false,
+            }
+        };
+        if !exited {
+            tracing::warn!(target: "prefect_ray", "the Ray bridge did not stop within 60 s; killing its process group");
+        }
+        // Whatever the bridge started that is still alive goes with its process group.
+        kill_group(child.id());
+        let _ = child.wait();
+        drop(child);
+        for thread in std::mem::take(&mut *lock(&self.threads)) {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+        lock(&self.temp_dir).take();
+        true
+    }
+
+    /// Ends the session's runs and requests: every run not finished yet ends `Crashed`, and
+    /// any run submitted from now on too. Only the first reason counts.
+    fn fail_everything(&self, message: &str) {
+        let (runs, requests) = {
+            let mut dispatch = lock(&self.dispatch);
+            dispatch.closed.get_or_insert_with(|| message.to_owned());
+            (std::mem::take(&mut dispatch.runs), std::mem::take(&mut dispatch.requests))
+        };
+        self.room.notify_all();
+        for (_, pending) in runs {
+            pending.run.crash(message);
+        }
+        for (_, request) in requests {
+            let _ = request.send(Err(message.to_owned()));
+        }
+    }
+
+    fn on_reply(&self, reply: Reply) {
+        match reply {
+            Reply::Done(Done { key, report }) => self.done(key, &report),
+            Reply::BatchDone(BatchDone { keys, reports }) => match rmp_serde::from_slice::<Vec<ByteBuf>>(&reports) {
+                Ok(reports) if reports.len() == keys.len() => {
+                    keys.iter().zip(&reports).for_each(|(key, report)| self.done(*key, report));
+                }
+                _ => self.fail_submitted(&keys, "the executor sent reports this driver cannot read"),
+            },
+            Reply::Failed(Failed { key, kind, message }) => {
+                if let Some(pending) = self.take_run(key) {
+                    crate::report::fail(pending, kind, message);
+                }
+            }
+            Reply::Value(ValueReply { request, blob }) => self.answer(request, Ok(Answer::Value(blob.into_vec()))),
+            Reply::ValueError(NoValue { request, message }) => self.answer(request, Err(message)),
+            Reply::Stats(StatsReply { request, stats }) => self.answer(request, Ok(Answer::Stats(stats))),
+            Reply::Ready(_) | Reply::Fatal(..) | Reply::Bye => {}
+        }
+    }
+
+    fn done(&self, key: u64, report: &[u8]) {
+        if let Some(pending) = self.take_run(key) {
+            let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
+            crate::report::apply(pending, report, value);
+        }
+    }
+
+    fn answer(&self, request: u64, answer: Result<Answer, String>) {
+        if let Some(sender) = lock(&self.dispatch).requests.remove(&request) {
+            let _ = sender.send(answer);
+        }
+    }
+}
+
+fn read_replies(mut replies: BufReader<ChildStdout>, shared: Weak<Shared>) {
+    loop {
+        let reply = read_message::<Reply>(&mut replies);
+        let Some(shared) = shared.upgrade() else { return };
+        match reply {
+            Ok(Some(Reply::Bye)) | Ok(None) | Err(_) => {
+                // A bridge stopped on purpose has its runs ended by whoever stopped it (or,
+                // on a signal, left as they are while the process goes).
+                if shared.is_alive() {
+                    let reason = format!("the Ray bridge process exited unexpectedly{}", shared.last_words());
+                    tracing::error!(target: "prefect_ray", "{reason}");
+                    shared.fail_everything(&reason);
+                }
+                return;
+            }
+            Ok(Some(reply)) => shared.on_reply(reply),
+        }
+    }
+}
