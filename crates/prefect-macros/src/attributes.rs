@@ -7,19 +7,19 @@ use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitStr, Token, braced};
 
 /// One `name = value` option.
-pub struct Option_ {
-    pub name: Ident,
-    pub value: Value,
+pub(crate) struct Option_ {
+    pub(crate) name: Ident,
+    pub(crate) value: Value,
 }
 
 /// An option's value: an expression, or a `{"key": value}` map whose values may be maps.
-pub enum Value {
+pub(crate) enum Value {
     Expr(Expr),
     Map(Vec<(LitStr, Value)>),
 }
 
 impl Parse for Value {
-    fn parse(input: ParseStream) -> syn::Result<Self> {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         if input.peek(syn::token::Brace) {
             let content;
             braced!(content in input);
@@ -32,7 +32,7 @@ impl Parse for Value {
 }
 
 impl Parse for Option_ {
-    fn parse(input: ParseStream) -> syn::Result<Self> {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let name: Ident = input.parse()?;
         input
             .parse::<Token![=]>()
@@ -47,7 +47,7 @@ struct MapEntry {
 }
 
 impl Parse for MapEntry {
-    fn parse(input: ParseStream) -> syn::Result<Self> {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let key = input.parse()?;
         input.parse::<Token![:]>()?;
         Ok(Self { key, value: input.parse()? })
@@ -55,7 +55,7 @@ impl Parse for MapEntry {
 }
 
 /// Parses the options, checking each name against `known`.
-pub fn parse(attr: TokenStream, macro_name: &str, known: &[&str]) -> syn::Result<Vec<Option_>> {
+pub(crate) fn parse(attr: TokenStream, macro_name: &str, known: &[&str]) -> syn::Result<Vec<Option_>> {
     let options = Punctuated::<Option_, Token![,]>::parse_terminated.parse2(attr)?;
     let mut seen: Vec<String> = Vec::new();
     for option in &options {
@@ -75,7 +75,7 @@ pub fn parse(attr: TokenStream, macro_name: &str, known: &[&str]) -> syn::Result
 }
 
 impl Option_ {
-    pub fn expr(&self) -> syn::Result<&Expr> {
+    pub(crate) fn expr(&self) -> syn::Result<&Expr> {
         match &self.value {
             Value::Expr(expr) => Ok(expr),
             Value::Map(_) => {
@@ -84,7 +84,7 @@ impl Option_ {
         }
     }
 
-    pub fn string(&self) -> syn::Result<LitStr> {
+    pub(crate) fn string(&self) -> syn::Result<LitStr> {
         match self.expr()? {
             Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(text), .. }) => Ok(text.clone()),
             other => Err(syn::Error::new_spanned(other, format!("`{}` takes a string literal", self.name))),
@@ -92,12 +92,12 @@ impl Option_ {
     }
 
     /// The value as JSON, for remote options: a map becomes an object.
-    pub fn json(&self) -> TokenStream {
+    pub(crate) fn json(&self) -> TokenStream {
         self.value.json()
     }
 
     /// The value as a list of `f64`: a number, or an array literal of numbers.
-    pub fn seconds_list(&self) -> syn::Result<TokenStream> {
+    pub(crate) fn seconds_list(&self) -> syn::Result<TokenStream> {
         Ok(match self.expr()? {
             Expr::Array(array) => {
                 let items = array.elems.iter();
@@ -110,7 +110,7 @@ impl Option_ {
 
 impl Value {
     /// The value as JSON: an expression serialized, a map as an object.
-    pub fn json(&self) -> TokenStream {
+    pub(crate) fn json(&self) -> TokenStream {
         match self {
             Value::Expr(expr) => quote! {
                 ::prefect::__private::serde_json::to_value(&(#expr)).expect("remote option values serialize to JSON")
@@ -131,13 +131,13 @@ impl Value {
 }
 
 /// The error for a wrong use of an attribute, at `span`.
-pub fn error(span: Span, message: impl std::fmt::Display) -> syn::Error {
+pub(crate) fn error(span: Span, message: impl std::fmt::Display) -> syn::Error {
     syn::Error::new(span, message)
 }
 
 /// The value of a number literal, possibly negated or in parentheses; `None` for any other
 /// expression (a constant, a call), which can only be checked at run time.
-pub fn literal_number(expr: &Expr) -> Option<f64> {
+pub(crate) fn literal_number(expr: &Expr) -> Option<f64> {
     match expr {
         Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(int), .. }) => int.base10_digits().parse().ok(),
         Expr::Lit(syn::ExprLit { lit: syn::Lit::Float(float), .. }) => float.base10_digits().parse().ok(),
@@ -150,7 +150,7 @@ pub fn literal_number(expr: &Expr) -> Option<f64> {
 
 /// What a number option must be.
 #[derive(Clone, Copy)]
-pub enum Range {
+pub(crate) enum Range {
     /// Zero or more: retries, delays, jitter.
     NonNegative,
     /// More than zero: timeouts.
@@ -159,7 +159,7 @@ pub enum Range {
 
 /// Checks a number literal against `range`, so an option out of range does not compile.
 /// Expressions that are not literals pass, and are checked when a run is created.
-pub fn check_number(option: &Ident, expr: &Expr, range: Range, what: &str) -> syn::Result<()> {
+pub(crate) fn check_number(option: &Ident, expr: &Expr, range: Range, what: &str) -> syn::Result<()> {
     let Some(value) = literal_number(expr) else { return Ok(()) };
     let fits = match range {
         Range::NonNegative => value >= 0.0,
@@ -177,7 +177,7 @@ pub fn check_number(option: &Ident, expr: &Expr, range: Range, what: &str) -> sy
 
 impl Option_ {
     /// Checks a number option (or each number of a list) against `range`.
-    pub fn check_numbers(&self, range: Range, what: &str) -> syn::Result<()> {
+    pub(crate) fn check_numbers(&self, range: Range, what: &str) -> syn::Result<()> {
         match self.expr()? {
             Expr::Array(array) => array.elems.iter().try_for_each(|item| check_number(&self.name, item, range, what)),
             expr => check_number(&self.name, expr, range, what),

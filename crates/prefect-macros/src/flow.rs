@@ -9,7 +9,7 @@ use crate::signature::Signature;
 
 const OPTIONS: &[&str] = &["name", "task_runner", "retries", "retry_delay_seconds", "timeout_seconds"];
 
-pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
     let options = attributes::parse(attr, "flow", OPTIONS)?;
     let signature = Signature::of(&function, "flow")?;

@@ -1,5 +1,7 @@
 //! `#[flow]` and `#[task]` for prefect-ray for Rust. See the `prefect` crate for their documentation.
 
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+
 mod attributes;
 mod flow;
 mod signature;

@@ -6,23 +6,23 @@ use syn::spanned::Spanned;
 use syn::{FnArg, GenericArgument, ItemFn, Pat, PathArguments, ReturnType, Type};
 
 /// One parameter: its name and its type.
-pub struct Parameter {
-    pub name: syn::Ident,
-    pub ty: Type,
+pub(crate) struct Parameter {
+    pub(crate) name: syn::Ident,
+    pub(crate) ty: Type,
 }
 
 /// A function's signature, checked for use as a task or flow.
-pub struct Signature {
-    pub parameters: Vec<Parameter>,
+pub(crate) struct Signature {
+    pub(crate) parameters: Vec<Parameter>,
     /// The type the caller gets: the `Ok` type for a function that returns `Result`.
-    pub value: Type,
+    pub(crate) value: Type,
     /// Whether the function returns a `Result`, whose `Err` is a failure.
-    pub fallible: bool,
-    pub is_async: bool,
+    pub(crate) fallible: bool,
+    pub(crate) is_async: bool,
 }
 
 impl Signature {
-    pub fn of(function: &ItemFn, what: &str) -> syn::Result<Self> {
+    pub(crate) fn of(function: &ItemFn, what: &str) -> syn::Result<Self> {
         let sig = &function.sig;
         if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
             return Err(syn::Error::new(
@@ -85,17 +85,17 @@ impl Signature {
         Ok(Self { parameters, value, fallible, is_async: sig.asyncness.is_some() })
     }
 
-    pub fn names(&self) -> Vec<&syn::Ident> {
+    pub(crate) fn names(&self) -> Vec<&syn::Ident> {
         self.parameters.iter().map(|p| &p.name).collect()
     }
 
-    pub fn types(&self) -> Vec<&Type> {
+    pub(crate) fn types(&self) -> Vec<&Type> {
         self.parameters.iter().map(|p| &p.ty).collect()
     }
 
     /// Turns the function's return value, bound to `value`, into `Result<Value, failure>`,
     /// with `on_error` turning an `Err(error)` into the failure.
-    pub fn value_as_result(&self, value: TokenStream, on_error: TokenStream) -> TokenStream {
+    pub(crate) fn value_as_result(&self, value: TokenStream, on_error: TokenStream) -> TokenStream {
         if self.fallible {
             quote! { match #value { ::core::result::Result::Ok(__ok) => ::core::result::Result::Ok(__ok), ::core::result::Result::Err(error) => ::core::result::Result::Err(#on_error) } }
         } else {
@@ -122,7 +122,7 @@ fn ok_type(ty: &Type) -> Option<Type> {
 }
 
 /// A stable hash of the function's code: FNV-1a over its tokens.
-pub fn fingerprint(function: &ItemFn) -> String {
+pub(crate) fn fingerprint(function: &ItemFn) -> String {
     let text = function.to_token_stream().to_string();
     let hash = text
         .bytes()

@@ -24,7 +24,7 @@ const OPTIONS: &[&str] = &[
     "remote_options",
 ];
 
-pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
     let options = attributes::parse(attr, "task", OPTIONS)?;
     let signature = Signature::of(&function, "task")?;

@@ -46,6 +46,14 @@ pub mod diagnostics {
     }
 }
 
+/// Runners and their errors cross threads: checked here, at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<RayTaskRunner>();
+    send_sync::<RayError>();
+    send_sync::<RemoteOptions>();
+};
+
 /// The repository README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -5,11 +5,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prefect::State;
 use prefect::logging::TIMESTAMP_FIELD;
-use prefect::runner::{ResultData, TaskRun, not_ready};
+use prefect::runner::{ResultData, TaskRun, TaskRunWriter, not_ready};
 
-use crate::bridge::PendingRun;
 use crate::protocol::FailureKind;
 use crate::protocol::envelope::{self, OutputLine, Stream};
+
+/// A run submitted to Ray and not finished yet: its write handle, and the runs it depends
+/// on (whose states decide how it ends when Ray fails it).
+pub(crate) struct PendingRun {
+    pub(crate) run: TaskRunWriter,
+    pub(crate) dependencies: Vec<TaskRun>,
+}
 
 /// Applies a run's report: replays its output under the run's name, then its states.
 pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {

@@ -8,38 +8,11 @@ use prefect::runner::{Arg, FlowRunInfo, RunnerError, TaskRun, TaskRunSpec, TaskR
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::bridge::{Bridge, BridgeConfig, Call, PendingRun, RayObject, Shared};
+use crate::bridge::{Bridge, BridgeConfig, Call, RayObject, Shared};
 use crate::protocol::envelope::CallHeader;
+use crate::report::PendingRun;
 
-/// Runs task runs as Ray tasks: on a temporary local Ray instance by default, or on an
-/// existing cluster given by [`address`](Self::address).
-///
-/// Each run becomes a Ray task named after its task. The task's code runs in this same
-/// program, started by each Ray worker as a long-lived executor. Futures passed as
-/// arguments travel as Ray object references, so a value goes from the worker that made it
-/// to the worker that needs it without passing through this process; it comes here only
-/// when `.result()` asks.
-///
-/// # Examples
-///
-/// ```no_run
-/// use prefect::{flow, task};
-/// use prefect_ray::RayTaskRunner;
-///
-/// #[task]
-/// fn shout(number: u32) {
-///     println!("#{number}");
-/// }
-///
-/// #[flow(task_runner = RayTaskRunner::new())]
-/// fn count_to(highest_number: u32) {
-///     for number in 0..highest_number {
-///         shout.submit(number);
-///     }
-/// }
-///
-/// count_to(10).unwrap();
-/// ```
+#[doc = include_str!("../docs/runner.md")]
 #[derive(Debug)]
 pub struct RayTaskRunner {
     config: BridgeConfig,

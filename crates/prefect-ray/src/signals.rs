@@ -1,19 +1,24 @@
 //! Ctrl-C and SIGTERM end the temporary Ray instances this process started before the
 //! process goes.
 
-use std::sync::{Arc, Mutex, Once, Weak};
+use std::sync::{Mutex, Once, Weak};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::bridge::Shared;
+/// What ends on a signal: a bridge, with the temporary Ray instance it started.
+pub(crate) trait StopOnSignal: Send + Sync {
+    /// Ends its processes and files at once, leaving runs as they are: the process is about
+    /// to exit as the signal says.
+    fn stop_on_signal(&self);
+}
 
-static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+static LIVE: Mutex<Vec<Weak<dyn StopOnSignal>>> = Mutex::new(Vec::new());
 
 /// Remembers a bridge to shut down on a signal.
-pub(crate) fn register(shared: &Arc<Shared>) {
+pub(crate) fn register(bridge: Weak<dyn StopOnSignal>) {
     let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
     live.retain(|weak| weak.strong_count() > 0);
-    live.push(Arc::downgrade(shared));
+    live.push(bridge);
 }
 
 /// Starts the thread that waits for SIGINT, SIGTERM and SIGHUP. On one, it shuts down every
@@ -38,8 +43,8 @@ pub(crate) fn install() {
                 }
                 // Runs are left as they are: finishing them would let the program carry on
                 // and exit as if nothing happened, before the signal ends it.
-                for shared in live.iter().filter_map(Weak::upgrade) {
-                    shared.stop_processes();
+                for bridge in live.iter().filter_map(Weak::upgrade) {
+                    bridge.stop_on_signal();
                 }
                 let _ = signal_hook::low_level::emulate_default_handler(signal);
                 std::process::exit(128 + signal);

@@ -241,6 +241,11 @@ fn abort_always() -> u8 {
 }
 
 #[task(max_retries = 0)]
+fn exit_quietly() -> u8 {
+    std::process::exit(0)
+}
+
+#[task(max_retries = 0)]
 fn kill_my_worker() -> u8 {
     let worker = std::os::unix::process::parent_id() as i32;
     // SAFETY: sends a signal; no memory is involved.
@@ -253,21 +258,25 @@ fn kill_my_worker() -> u8 {
 fn a_dying_executor_or_worker_crashes_the_run_and_ray_can_retry_it() {
     let cluster = cluster();
     #[flow(task_runner = cluster.runner())]
-    fn crashing(cluster: &Cluster, marker: PathBuf) -> (TaskError, TaskError, String, State) {
+    fn crashing(cluster: &Cluster, marker: PathBuf) -> (TaskError, TaskError, TaskError, String, State) {
         let aborted = abort_always.submit();
+        let exited = exit_quietly.submit();
         let killed = kill_my_worker.submit();
         let downstream = plus_one.submit(&aborted);
         let retried = remote_options(RemoteOptions::new().max_retries(1), || abort_once.submit(marker));
         (
             aborted.result().unwrap_err(),
+            exited.result().unwrap_err(),
             killed.result().unwrap_err(),
             retried.result().unwrap(),
             downstream.wait(None).unwrap(),
         )
     }
     let marker = std::env::temp_dir().join(format!("abort-once-{}", uuid::Uuid::new_v4()));
-    let (aborted, killed, retried, downstream) = crashing(&cluster, marker.clone()).unwrap();
+    let (aborted, exited, killed, retried, downstream) = crashing(&cluster, marker.clone()).unwrap();
     let _ = std::fs::remove_file(marker);
+    assert!(matches!(exited, TaskError::Crashed { .. }), "{exited:?}");
+    assert!(exited.message().contains("died while running it: it exited with code 0"), "{exited}");
     assert!(matches!(aborted, TaskError::Crashed { .. }), "{aborted:?}");
     assert!(aborted.message().contains("killed by signal SIGABRT"), "{aborted}");
     assert!(matches!(killed, TaskError::Crashed { .. }), "{killed:?}");

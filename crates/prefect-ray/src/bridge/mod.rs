@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-pub(crate) use session::{Call, PendingRun, RayObject, Shared};
+pub(crate) use session::{Call, RayObject, Shared};
 
 use crate::error::RayError;
 use crate::protocol::{BridgeStats, ClusterInfo};
@@ -103,6 +103,6 @@ fn start(config: &BridgeConfig) -> Result<Arc<Shared>, RayError> {
     if shared.info.started_local {
         crate::signals::install();
     }
-    crate::signals::register(&shared);
+    crate::signals::register(Arc::downgrade(&shared) as Weak<dyn crate::signals::StopOnSignal>);
     Ok(shared)
 }

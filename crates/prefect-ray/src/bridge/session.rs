@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prefect::runner::{RemoteResult, ResultData, TaskRun, TaskRunWriter};
+use prefect::runner::{RemoteResult, ResultData};
 use serde_bytes::ByteBuf;
 use serde_json::{Map, Value};
 
@@ -27,6 +27,8 @@ use crate::protocol::{
     BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, Failed, Get, MANY_RUNS, NoValue,
     ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
 };
+use crate::report::{self, PendingRun};
+use crate::signals::StopOnSignal;
 
 /// A remote function of the bridge: a task's options, and the function's number.
 type RemoteFunction = (Map<String, Value>, u32);
@@ -73,12 +75,6 @@ pub(crate) struct Call {
     pub(crate) header: Vec<u8>,
     pub(crate) value_keys: Vec<u64>,
     pub(crate) report_keys: Vec<u64>,
-}
-
-/// A run submitted to Ray and not finished yet.
-pub(crate) struct PendingRun {
-    pub(crate) run: TaskRunWriter,
-    pub(crate) dependencies: Vec<TaskRun>,
 }
 
 /// A task run's value in Ray's object store; released when the last handle goes.
@@ -338,7 +334,7 @@ impl Shared {
 
     /// Ends the bridge's processes and files without touching its runs, for a process that
     /// is about to exit on a signal. Returns whether this call did the work.
-    pub(crate) fn stop_processes(&self) -> bool {
+    fn stop_processes(&self) -> bool {
         if !self.alive.swap(false, Ordering::AcqRel) {
             return false;
         }
@@ -397,7 +393,7 @@ impl Shared {
             },
             Reply::Failed(Failed { key, kind, message }) => {
                 if let Some(pending) = self.take_run(key) {
-                    crate::report::fail(pending, kind, message);
+                    report::fail(pending, kind, message);
                 }
             }
             Reply::Value(ValueReply { request, blob }) => self.answer(request, Ok(Answer::Value(blob.into_vec()))),
@@ -410,7 +406,7 @@ impl Shared {
     fn done(&self, key: u64, report: &[u8]) {
         if let Some(pending) = self.take_run(key) {
             let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
-            crate::report::apply(pending, report, value);
+            report::apply(pending, report, value);
         }
     }
 
@@ -418,6 +414,12 @@ impl Shared {
         if let Some(sender) = lock(&self.dispatch).requests.remove(&request) {
             let _ = sender.send(answer);
         }
+    }
+}
+
+impl StopOnSignal for Shared {
+    fn stop_on_signal(&self) {
+        self.stop_processes();
     }
 }
 
