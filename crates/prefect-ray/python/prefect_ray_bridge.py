@@ -1,8 +1,9 @@
 """The driver side of prefect-ray for Rust: submits Rust task runs to Ray.
 
 Started by the Rust runner with its commands on stdin and its replies on stdout (see
-PROTOCOL.md in the prefect-ray crate); everything else that Ray or Python prints goes to
-stderr, which the runner forwards to its log. One bridge is one Ray driver: it starts a
+PROTOCOL.md in the prefect-ray crate). Its Python logging (its own and Ray's) goes to the
+runner as `log` replies; what bypasses logging goes to stderr, which the runner logs at
+DEBUG. One bridge is one Ray driver: it starts a
 temporary local instance or connects to an existing cluster, and shuts down (ending what it
 started) when the runner says so, when its stdin closes because the runner died, or on
 SIGTERM.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import resource
 import shutil
@@ -37,7 +39,15 @@ except ImportError as missing:
 
 from prefect_ray_worker import ExecutorCrashed, named, named_batch
 from prefect_ray_worker.codec import encode_reply, read_frame
-from prefect_ray_worker.driver import InvalidAddress, TokenRefused, Unreachable, classify, probe, unmet_request
+from prefect_ray_worker.driver import (
+    InvalidAddress,
+    TokenRefused,
+    Unreachable,
+    classify,
+    probe,
+    route_logs,
+    unmet_request,
+)
 from prefect_ray_worker.protocol import (
     BYE,
     BatchDone,
@@ -45,6 +55,7 @@ from prefect_ray_worker.protocol import (
     Cancel,
     ClusterInfo,
     Define,
+    Died,
     Done,
     Failed,
     FailureKind,
@@ -64,7 +75,7 @@ from prefect_ray_worker.protocol import (
     frame,
     write_all,
 )
-from prefect_ray_worker.ray_internals import check_gcs, when_ready
+from prefect_ray_worker.ray_internals import check_client, check_gcs, when_ready
 
 
 class Writer:
@@ -92,12 +103,11 @@ class Writer:
             self.closed = True
 
 
-#: How long to wait for a GCS that does not answer yet (a cluster that is starting).
-GCS_WAIT = 3.0
+#: How long to wait for a cluster that does not answer yet (one that is starting).
+CLUSTER_WAIT = 3.0
 
 
-def log(message: str) -> None:
-    print(f"prefect-ray bridge: {message}", file=sys.stderr, flush=True)
+LOG = logging.getLogger("prefect_ray.bridge")
 
 
 def token_refused(error: BaseException) -> bool:
@@ -130,7 +140,7 @@ def connect(address: str, kwargs: dict[str, Any]) -> Any:
         except ConnectionError as error:
             if token_refused(error) or attempt == attempts:
                 raise
-            log(f"Ray Client connection failed ({error}); trying again ({attempt}/{attempts - 1})")
+            LOG.warning("Ray Client connection failed (%s); trying again (%d/%d)", error, attempt, attempts - 1)
             try:
                 ray.shutdown()
             except Exception:
@@ -162,10 +172,14 @@ class Bridge:
         address = config.get("address")
         kwargs.setdefault("log_to_driver", False)
         if address:
-            if address.startswith("ray://") or address == "auto":
-                probe(address)
+            if address.startswith("ray://"):
+                probe(address, wait=CLUSTER_WAIT)
+                if address != "ray://auto":
+                    check_client(address, wait=CLUSTER_WAIT)
+            elif address == "auto":
+                probe(address, wait=CLUSTER_WAIT)
             else:
-                check_gcs(address, wait=GCS_WAIT)
+                check_gcs(address, wait=CLUSTER_WAIT)
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             modules = list(runtime_env.get("py_modules") or [])
             modules.append(config["worker_package"])
@@ -217,7 +231,7 @@ class Bridge:
         try:
             self.define_remote(command)
         except Exception as error:
-            log(f"could not define the remote function of task {command.task_name}:\n{traceback.format_exc()}")
+            LOG.exception("could not define the remote function of task %s", command.task_name)
             self.infeasible[command.function] = f"the Ray bridge could not define the task's remote function: {error!r}"
 
     def define_remote(self, command: Define) -> None:
@@ -286,7 +300,12 @@ class Bridge:
         when_ready(reports, functools.partial(self.on_batch_status, keys))
 
     def failure(self, error: BaseException) -> tuple[FailureKind, str]:
-        return classify(error, crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+        return classify(
+            error,
+            crashed=ExecutorCrashed,
+            cancelled=ray.exceptions.TaskCancelledError,
+            out_of_memory=ray.exceptions.OutOfMemoryError,
+        )
 
     def on_batch_status(self, keys: list[int], result: Any) -> None:
         if isinstance(result, BaseException):
@@ -328,7 +347,7 @@ class Bridge:
                 # so only force (ending the worker and its executor) stops a running task.
                 ray.cancel(refs[0], force=True)
             except Exception as error:
-                log(f"could not cancel: {error}")
+                LOG.warning("could not cancel: %s", error)
 
     def stats(self, command: Stats) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -372,6 +391,29 @@ def fatal_for(error: BaseException) -> Fatal:
     return Fatal(FatalKind.INIT_FAILED, f"{type(error).__name__}: {lines[0] if lines else ''}", details)
 
 
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "no details"
+
+
+def run_commands(bridge: Bridge, commands: BinaryIO) -> None:
+    """Runs commands until `shutdown` or the end of input. A command that fails is logged
+    and the next one runs; an error of the stream itself ends the bridge."""
+    unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1)
+    for message in unpacker:
+        try:
+            command = decode_command(message)
+        except UnknownCommand as error:
+            LOG.warning("%s", error)
+            continue
+        if command is None:
+            return
+        try:
+            bridge.handle(command)
+        except Exception:
+            LOG.exception("command %s failed", type(command).__name__)
+
+
 def serve(commands: BinaryIO, writer: Writer, config: dict[str, Any]) -> int:
     """Connects, then runs commands until `shutdown` or the end of input."""
     bridge = Bridge(writer, config)
@@ -381,25 +423,25 @@ def serve(commands: BinaryIO, writer: Writer, config: dict[str, Any]) -> int:
         except Exception as error:
             writer.send(fatal_for(error))
             return 1
-        unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1)
-        for message in unpacker:
-            try:
-                command = decode_command(message)
-            except UnknownCommand as error:
-                log(str(error))
-                continue
-            if command is None:
-                break
-            try:
-                bridge.handle(command)
-            except Exception:
-                log(f"command {type(command).__name__} failed:\n{traceback.format_exc()}")
+        try:
+            run_commands(bridge, commands)
+        except Exception as error:
+            # What ends the bridge goes to the program as its cause, not as a line of stderr.
+            writer.send(Died(f"{type(error).__name__}: {one_line(error)}", traceback.format_exc()))
+            return 1
     finally:
         try:
             bridge.stop()
         except Exception:
-            log(f"ray.shutdown failed:\n{traceback.format_exc()}")
+            LOG.exception("ray.shutdown failed")
     return 0
+
+
+def log_thread_error(hook: threading.ExceptHookArgs) -> None:
+    """An error in a thread of Ray's (a completion callback) is logged, not printed."""
+    name = hook.thread.name if hook.thread else "?"
+    if hook.exc_value is not None:
+        LOG.error("error in thread %s", name, exc_info=hook.exc_value)
 
 
 def main() -> int:
@@ -409,6 +451,8 @@ def main() -> int:
     replies = os.dup(1)
     os.dup2(2, 1)
     writer = Writer(replies)
+    route_logs(writer.send)
+    threading.excepthook = log_thread_error
 
     def on_signal(signum: int, frame: Any) -> NoReturn:
         raise SystemExit(128 + signum)

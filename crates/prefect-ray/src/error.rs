@@ -93,14 +93,14 @@ pub enum RayError {
         message: String,
     },
     /// The bridge process exited before it said whether it connected.
-    #[error("could not connect to Ray ({target}): the bridge process ({}) exited: {last_words}", python.display())]
+    #[error("could not connect to Ray ({target}): the bridge process ({}) exited: {cause}", python.display())]
     BridgeExited {
         /// The address, or "a temporary local instance".
         target: String,
         /// The bridge's Python.
         python: PathBuf,
-        /// The last line it wrote.
-        last_words: String,
+        /// Why, as far as it said: its last warning or error, or the last line of its stderr.
+        cause: String,
     },
     /// Something on this machine got in the way: files, threads.
     #[error("{what}: {source}")]

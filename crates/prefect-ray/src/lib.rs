@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
+mod address;
 mod bridge;
 #[cfg(feature = "testing")]
 mod cluster;
@@ -27,8 +28,8 @@ pub mod testing {
 pub mod diagnostics {
     pub use crate::protocol::BridgeStats;
 
-    /// The figures of the live Ray bridge (this program's Ray driver process), if one is
-    /// running: its peak memory, and how many task values it holds references to.
+    /// The figures of the live Ray bridge (this program's Ray driver process) started last,
+    /// if one is running: its peak memory, and how many task values it holds references to.
     pub fn bridge_stats() -> Option<BridgeStats> {
         crate::bridge::live_stats()
     }

@@ -27,8 +27,8 @@ impl Default for RayTaskRunner {
 
 impl RayTaskRunner {
     /// A runner that starts a temporary local Ray instance for the flow run, bound to
-    /// 127.0.0.1, and ends it with the run. If this process is connected to Ray already
-    /// (a parent flow runs on Ray), it uses that connection instead.
+    /// 127.0.0.1, and ends it with the run. A subflow whose parent flow runs on Ray uses the
+    /// parent's connection instead.
     pub fn new() -> Self {
         Self {
             config: BridgeConfig {
@@ -122,8 +122,8 @@ impl TaskRunner for RayTaskRunner {
         }
     }
 
-    fn start(&self, _flow_run: &FlowRunInfo) -> Result<(), RunnerError> {
-        let (bridge, reused) = Bridge::acquire(&self.config)?;
+    fn start(&self, flow_run: &FlowRunInfo) -> Result<(), RunnerError> {
+        let (bridge, reused) = Bridge::acquire(&self.config, flow_run)?;
         let info = bridge.info();
         let dashboard = if info.dashboard_url.is_empty() {
             String::new()
@@ -133,7 +133,7 @@ impl TaskRunner for RayTaskRunner {
             format!("; dashboard at {url}")
         };
         let what = match (reused, info.started_local, &self.config.address) {
-            (true, _, _) => "Using this process's Ray connection".to_owned(),
+            (true, _, _) => "Using the parent flow run's Ray connection".to_owned(),
             (false, true, _) => "Started a temporary local Ray instance".to_owned(),
             (false, false, Some(address)) => format!("Connected to the Ray cluster at {address}"),
             (false, false, None) => "Connected to Ray".to_owned(),

@@ -10,6 +10,7 @@ them (see PROTOCOL.md in the prefect-ray crate).
 from __future__ import annotations
 
 import fcntl
+import glob
 import io
 import mmap
 import os
@@ -18,7 +19,7 @@ import signal
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 from .protocol import EXECUTOR_ENV, IN_FILE, RESTART, SHIPPED_PREFIX, parts_header, write_all
@@ -62,16 +63,34 @@ def _from_executor(part: Part) -> Part | Blob:
     return Blob(memoryview(mapped))
 
 
-def _to_executor(dependency: Any) -> Part:
-    """A dependency for the executor: small ones as they are, Blobs through a file."""
+def _to_executor(dependency: Any, written: list[str]) -> Part:
+    """A dependency for the executor: small ones as they are, Blobs through a file (whose
+    path goes to `written`)."""
     if not isinstance(dependency, Blob):
         return dependency  # type: ignore[no-any-return]
-    descriptor, path = tempfile.mkstemp(prefix="prefect-ray-", dir=_SHARED)
+    descriptor, path = tempfile.mkstemp(prefix=f"prefect-ray-{os.getpid()}-", dir=_SHARED)
+    written.append(path)
     try:
         write_all(descriptor, dependency.view)
     finally:
         os.close(descriptor)
     return bytes([IN_FILE]) + path.encode()
+
+
+def remove_files(paths: Iterable[str]) -> None:
+    """Removes shared-memory files that nobody will open now (those already opened are
+    unlinked already)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def files_of(pid: int) -> list[str]:
+    """The shared-memory files a process wrote: each writer names its files
+    ``prefect-ray-<pid>-...``."""
+    return glob.glob(os.path.join(_SHARED, f"prefect-ray-{pid}-*"))
 
 
 class ExecutorCrashed(Exception):
@@ -175,11 +194,14 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
     current = _executors.get(executor)
     if current is None:
         current = _executors[executor] = _Executor(executor_path(executor))
+    written: list[str] = []
     try:
-        *reply, control = current.call([parts[0], *map(_to_executor, parts[1:])])
+        *reply, control = current.call([parts[0], *(_to_executor(part, written) for part in parts[1:])])
     except (OSError, EOFError, struct.error) as error:
         _executors.pop(executor, None)
         code = current.close(kill=True)
+        # What the dead executor was writing will never be read.
+        remove_files(files_of(current.process.pid))
         raise ExecutorCrashed(
             f"the task's executor process ({os.path.basename(current.path)}, pid {current.process.pid}) died "
             f"while running it: {describe_exit(code)} ({error.__class__.__name__})"
@@ -188,7 +210,11 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
         # Cancelled (KeyboardInterrupt from ray.cancel) or stopped: the run must stop too.
         _executors.pop(executor, None)
         current.close(kill=True)
+        remove_files(files_of(current.process.pid))
         raise
+    finally:
+        # The inputs the executor did not open (it unlinks those it opens).
+        remove_files(written)
     if control == RESTART:
         # A timed-out attempt is still running in the executor: end it with its process.
         _executors.pop(executor, None)

@@ -5,12 +5,13 @@ bridge's process loop so each can be tested alone (python/tests).
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .protocol import FailureKind
+from .protocol import FailureKind, LogLevel, LogRecord
 
 
 class Unreachable(Exception):
@@ -97,15 +98,72 @@ def unmet_request(options: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]
     )
 
 
-def classify(error: BaseException, crashed: type[BaseException], cancelled: type[BaseException]) -> tuple[FailureKind, str]:
+def classify(
+    error: BaseException,
+    crashed: type[BaseException],
+    cancelled: type[BaseException],
+    out_of_memory: type[BaseException],
+) -> tuple[FailureKind, str]:
     """How a run ends for a Ray error, and a one-line message. The trampoline reports task
     failures in the report it returns, so an error here means Ray could not run the task to
     its end: it crashed, unless it was cancelled. `crashed` is the trampoline's
-    ExecutorCrashed, `cancelled` Ray's TaskCancelledError."""
+    ExecutorCrashed, `cancelled` Ray's TaskCancelledError, `out_of_memory` Ray's
+    OutOfMemoryError."""
     cause = getattr(error, "cause", None)
     if isinstance(error, cancelled) or isinstance(cause, cancelled):
         return FailureKind.CANCELLED, "the task was cancelled in Ray"
     if isinstance(cause, crashed):
         return FailureKind.CRASHED, str(cause)
+    if isinstance(error, out_of_memory):
+        return FailureKind.CRASHED, (
+            "out of memory: Ray's memory monitor killed the task's worker, on every attempt, because its node ran low "
+            "on memory; give the task less to hold, or ask for the memory it needs with memory=<bytes> so Ray "
+            "places it where there is room (RAY_task_oom_retries sets how often it is tried again)"
+        )
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return FailureKind.CRASHED, f"{type(error).__name__}: {lines[-1] if lines else 'no details'}"
+
+
+def log_level(levelno: int) -> LogLevel:
+    """The protocol's level for a Python logging level."""
+    if levelno >= logging.ERROR:
+        return LogLevel.ERROR
+    if levelno >= logging.WARNING:
+        return LogLevel.WARNING
+    if levelno >= logging.INFO:
+        return LogLevel.INFO
+    return LogLevel.DEBUG
+
+
+class ReplyLogHandler(logging.Handler):
+    """Sends log records to the program as `log` replies, so they reach its log at their
+    own level instead of as lines of stderr whose level nobody knows.
+
+    The message is the record's own text (and traceback): Ray sets a formatter with a time
+    and a level on every handler of its logger, which the program's log adds itself."""
+
+    def __init__(self, send: Callable[[LogRecord], None]) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.send(LogRecord(log_level(record.levelno), record.name, message))
+        except Exception:
+            self.handleError(record)
+
+
+def route_logs(send: Callable[[LogRecord], None], loggers: Iterable[str] = ("", "ray")) -> ReplyLogHandler:
+    """Replaces the console handlers of these loggers (the root and Ray's) with one that
+    sends their records to the program."""
+    handler = ReplyLogHandler(send)
+    for name in loggers:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+    return handler

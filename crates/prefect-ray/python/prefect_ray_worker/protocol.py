@@ -170,6 +170,31 @@ class Fatal(NamedTuple):
     details: str
 
 
+class Died(NamedTuple):
+    """The bridge cannot go on (an error in its command loop): the cause, its last reply
+    before ``bye``."""
+
+    message: str
+    details: str
+
+
+class LogLevel(str, enum.Enum):
+    """The level of a log record from the bridge."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogRecord(NamedTuple):
+    """A log record of the bridge's Python (its own, Ray's), for the program's log."""
+
+    level: LogLevel
+    target: str
+    message: str
+
+
 class Done(NamedTuple):
     """A run's Ray task ended: its report."""
 
@@ -231,11 +256,13 @@ class StatsReply(NamedTuple):
     stats: BridgeStats
 
 
-Reply = Union[ClusterInfo, Fatal, Done, BatchDone, Failed, ValueReply, NoValue, StatsReply]
+Reply = Union[ClusterInfo, Fatal, Died, LogRecord, Done, BatchDone, Failed, ValueReply, NoValue, StatsReply]
 
 REPLY_NAMES: dict[type, str] = {
     ClusterInfo: "ready",
     Fatal: "fatal",
+    Died: "died",
+    LogRecord: "log",
     Done: "done",
     BatchDone: "batch_done",
     Failed: "failed",

@@ -51,3 +51,38 @@ def check_gcs(address: str, wait: float) -> None:
                 time.sleep(0.25)
     finally:
         channel.close()
+
+
+def check_client(address: str, wait: float) -> None:
+    """Pings the Ray Client server at `address` (``ray://host:port``) with this driver's
+    token, before `ray.init` does: Ray Client takes a refused token for a server that is not
+    up yet and retries for 90 s, then says only that the connection timed out.
+
+    Uses `init_grpc_channel` (as `check_gcs`) and Ray Client's generated stubs, with the
+    ping Ray Client itself sends (`ClusterInfo` of type PING)."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+    target = address[len("ray://") :]
+    deadline = time.monotonic() + wait
+    channel = init_grpc_channel(target)
+    try:
+        stub = ray_client_pb2_grpc.RayletDriverStub(channel)
+        while True:
+            try:
+                stub.ClusterInfo(
+                    ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=max(1.0, wait)
+                )
+                return
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise TokenRefused(address) from None
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    # Not ours to judge (a proxy, a server that answers otherwise): Ray
+                    # Client's own connection attempt says more.
+                    return
+                time.sleep(0.25)
+    finally:
+        channel.close()

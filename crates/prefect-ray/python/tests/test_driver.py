@@ -13,6 +13,12 @@ from prefect_ray_worker import ExecutorCrashed
 from prefect_ray_worker.driver import InvalidAddress, Unreachable, classify, probe, probe_target, unmet_request
 from prefect_ray_worker.protocol import FailureKind
 
+RAY_ERRORS = {
+    "crashed": ExecutorCrashed,
+    "cancelled": ray.exceptions.TaskCancelledError,
+    "out_of_memory": ray.exceptions.OutOfMemoryError,
+}
+
 
 def test_probe_targets_come_from_ray_client_and_gcs_addresses() -> None:
     assert probe_target("ray://head:10001") == ("head", 10001)
@@ -65,9 +71,7 @@ def test_placements_we_cannot_judge_are_left_to_ray() -> None:
 
 
 def test_a_cancelled_task_is_cancelled() -> None:
-    kind, message = classify(
-        ray.exceptions.TaskCancelledError(), crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError
-    )
+    kind, message = classify(ray.exceptions.TaskCancelledError(), **RAY_ERRORS)
     assert (kind, message) == (FailureKind.CANCELLED, "the task was cancelled in Ray")
 
 
@@ -75,14 +79,23 @@ def test_a_dead_executor_crashes_with_its_own_words() -> None:
     class Wrapped(Exception):
         cause = ExecutorCrashed("the task's executor process (app, pid 7) died while running it: it was killed by signal SIGKILL")
 
-    kind, message = classify(Wrapped(), crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+    kind, message = classify(Wrapped(), **RAY_ERRORS)
     assert kind is FailureKind.CRASHED
     assert message.endswith("killed by signal SIGKILL")
 
 
+def test_a_task_killed_for_memory_crashes_and_says_so() -> None:
+    kind, message = classify(
+        ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory."), **RAY_ERRORS
+    )
+    assert kind is FailureKind.CRASHED
+    assert message.startswith("out of memory: Ray's memory monitor killed the task's worker")
+    assert "memory=<bytes>" in message
+
+
 def test_any_other_ray_error_crashes_with_its_last_line() -> None:
     error = ray.exceptions.WorkerCrashedError()
-    kind, message = classify(error, crashed=ExecutorCrashed, cancelled=ray.exceptions.TaskCancelledError)
+    kind, message = classify(error, **RAY_ERRORS)
     assert kind is FailureKind.CRASHED
     assert message.startswith("WorkerCrashedError: ")
 

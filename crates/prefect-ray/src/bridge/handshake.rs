@@ -36,9 +36,16 @@ pub(super) fn handshake(mut launched: Launched, config: &BridgeConfig) -> Result
 
     let (answer_sender, answer) = mpsc::channel();
     let mut replies = BufReader::with_capacity(1 << 16, launched.child.stdout.take().expect("piped"));
+    let output = launched.stderr.output.clone();
     let reader = std::thread::spawn(move || {
-        let first = read_message::<Reply>(&mut replies);
-        let _ = answer_sender.send(first);
+        // Log records may come first (Ray logs while it connects); the answer ends the loop.
+        let answer = loop {
+            match read_message::<Reply>(&mut replies) {
+                Ok(Some(Reply::Log(record))) => output.log(record),
+                other => break other,
+            }
+        };
+        let _ = answer_sender.send(answer);
         replies
     });
     // A bridge that exits at once (no Ray) may refuse the configuration; its exit status
@@ -60,14 +67,20 @@ pub(super) fn handshake(mut launched: Launched, config: &BridgeConfig) -> Result
     kill_group(launched.child.id());
     let status = exited.or_else(|| launched.child.wait().ok());
     let Launched { python, stderr, .. } = launched;
-    let last_words = stderr.finish();
+    let cause = stderr.finish();
     Err(match answer {
         Some(Ok(Some(Reply::Fatal(fatal)))) => fatal_error(fatal, target),
         None => RayError::Timeout { target, after: config.connect_timeout },
         _ if status.and_then(|status| status.code()) == Some(EXIT_NO_RAY) => {
             RayError::NoRay { hint: python::install_hint(&python), python }
         }
-        _ => RayError::BridgeExited { target, python, last_words: last_words.unwrap_or_default() },
+        _ => RayError::BridgeExited {
+            target,
+            python,
+            cause: cause.unwrap_or_else(|| {
+                format!("no word; exit status {}", status.map_or("unknown".into(), |s| s.to_string()))
+            }),
+        },
     })
 }
 

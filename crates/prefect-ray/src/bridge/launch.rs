@@ -1,15 +1,13 @@
 //! Starting the bridge process: its files in a temporary directory of its own, the program
 //! to ship to a cluster, its environment, and its output.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::BridgeConfig;
+use super::output::Output;
 use crate::error::RayError;
 use crate::protocol::SHIPPED_PREFIX;
 use crate::python;
@@ -38,24 +36,18 @@ pub(super) struct Launched {
     pub(super) stderr: StderrLog,
 }
 
-/// The bridge's stderr: forwarded to the log, the last lines kept for error messages.
+/// The bridge's stderr, read by a thread of its own, and what it said.
 pub(super) struct StderrLog {
     pub(super) thread: JoinHandle<()>,
-    pub(super) tail: Arc<Mutex<VecDeque<String>>>,
+    pub(super) output: Output,
 }
 
 impl StderrLog {
-    /// Waits until the bridge's stderr has closed; returns its last words.
+    /// Waits until the bridge's stderr has closed; returns the best account of its end.
     pub(super) fn finish(self) -> Option<String> {
         let _ = self.thread.join();
-        last_words(&self.tail)
+        self.output.cause()
     }
-}
-
-/// The last line of `tail` that says something.
-pub(super) fn last_words(tail: &Mutex<VecDeque<String>>) -> Option<String> {
-    let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-    tail.iter().rev().find(|line| !line.trim().is_empty()).cloned()
 }
 
 /// Writes the bridge's files and starts it, in a process group of its own.
@@ -101,7 +93,8 @@ pub(super) fn launch(config: &BridgeConfig) -> Result<Launched, RayError> {
         }
         _ => RayError::Setup { what: format!("could not start {}", python.display()), source },
     })?;
-    let stderr = forward_stderr(child.stderr.take().expect("piped"));
+    let output = Output::default();
+    let stderr = StderrLog { thread: output.forward_stderr(child.stderr.take().expect("piped")), output };
     Ok(Launched { child, python, temp_dir, package, executor, stderr })
 }
 
@@ -121,10 +114,20 @@ fn executor(config: &BridgeConfig, package: &Path) -> Result<String, RayError> {
     Ok(format!("{SHIPPED_PREFIX}{name}"))
 }
 
+/// How many times a run killed for want of memory is tried again (unless `RAY_task_oom_retries`
+/// says otherwise).
+const OOM_RETRIES: &str = "2";
+
 /// Ray's settings for the bridge: loopback where Ray stays on this machine, no usage
 /// statistics, token authentication on.
 fn environment(config: &BridgeConfig, command: &mut Command) {
-    let mut defaults = vec![("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_DEDUP_LOGS", "0")];
+    let mut defaults = vec![
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("RAY_DEDUP_LOGS", "0"),
+        // A task that Ray's memory monitor kills is retried this many times (read by the
+        // driver, which owns the tasks), then fails: Ray's default retries it forever.
+        ("RAY_task_oom_retries", OOM_RETRIES),
+    ];
     if config.address.as_deref().is_none_or(is_loopback_address) {
         // Ray otherwise swaps 127.0.0.1 for the machine's network address, and listens
         // there: on one machine, everything stays on loopback with this.
@@ -158,29 +161,6 @@ fn environment(config: &BridgeConfig, command: &mut Command) {
     {
         command.env("RAY_AUTH_MODE", "token");
     }
-}
-
-/// Forwards the bridge's stderr (Ray's and Python's messages) to the log, keeping the last
-/// lines for error messages.
-fn forward_stderr(stderr: ChildStderr) -> StderrLog {
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let kept = tail.clone();
-    let thread = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("Error") || line.contains("ERROR") || line.contains("Traceback") {
-                tracing::warn!(target: "prefect_ray::ray", "{line}");
-            } else {
-                tracing::debug!(target: "prefect_ray::ray", "{line}");
-            }
-            let mut tail = kept.lock().unwrap_or_else(|p| p.into_inner());
-            tail.push_back(line);
-            if tail.len() > 50 {
-                tail.pop_front();
-            }
-        }
-    });
-    StderrLog { thread, tail }
 }
 
 /// Ends a process group: SIGTERM, a moment's grace, SIGKILL.

@@ -1,26 +1,31 @@
 //! The bridge: a Python process that is this program's Ray driver.
 //!
 //! The runner sends it commands (define a remote function, submit a run, fetch a value,
-//! release values, cancel, shut down) on its stdin and reads replies on its stdout; what it
-//! prints on stderr goes to the log (see PROTOCOL.md). One bridge serves every flow run of
-//! the process that asks while it is up: a subflow's runner reuses its parent's, and the
-//! last runner to let go shuts it down, ending the temporary Ray instance if it started one.
+//! release values, cancel, shut down) on its stdin and reads replies on its stdout, its log
+//! records among them (see PROTOCOL.md). Each runner gets a bridge of its own, connected to
+//! the cluster it asked for: the bridge is a process, so two drivers coexist. Only a subflow
+//! whose parent flow runs on Ray shares its parent's bridge; the last runner to let go of a
+//! bridge shuts it down, ending the temporary Ray instance if it started one.
 //!
 //! - [`launch`]: the process, its files and environment;
 //! - [`handshake`]: the configuration, and the answer that says whether it connected;
+//! - [`output`]: its log records and stderr, and what names the cause when it dies;
 //! - [`session`]: the runs and values of a connected bridge;
 //! - [`outbox`]: commands on their way to it.
 
 mod handshake;
 mod launch;
 mod outbox;
+mod output;
 mod session;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use prefect::runner::FlowRunInfo;
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 pub(crate) use session::{Call, RayObject, Shared};
 
@@ -57,16 +62,16 @@ impl Drop for Bridge {
     }
 }
 
-/// The figures of the live bridge, if any.
+/// The figures of the most recently started live bridge, if any.
 pub(crate) fn live_stats() -> Option<BridgeStats> {
-    let bridge = lock(current()).upgrade()?;
+    let bridge = lock(live()).iter().rev().find_map(|(_, bridge)| bridge.upgrade())?;
     bridge.shared.stats().ok()
 }
 
-/// The live bridge of this process, if any.
-fn current() -> &'static Mutex<Weak<Bridge>> {
-    static CURRENT: Mutex<Weak<Bridge>> = Mutex::new(Weak::new());
-    &CURRENT
+/// The live bridges of this process, by the flow runs they serve, oldest first.
+fn live() -> &'static Mutex<Vec<(Uuid, Weak<Bridge>)>> {
+    static LIVE: Mutex<Vec<(Uuid, Weak<Bridge>)>> = Mutex::new(Vec::new());
+    &LIVE
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,16 +79,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Bridge {
-    /// The bridge already running in this process, or a new one started with `config`.
-    /// Returns whether it was reused.
-    pub(crate) fn acquire(config: &BridgeConfig) -> Result<(Arc<Bridge>, bool), RayError> {
-        let mut current = lock(current());
-        if let Some(bridge) = current.upgrade().filter(|b| b.shared.is_alive()) {
-            return Ok((bridge, true));
-        }
-        let bridge = Arc::new(Bridge { shared: start(config)? });
-        *current = Arc::downgrade(&bridge);
-        Ok((bridge, false))
+    /// The bridge for `flow_run`: its parent flow run's, if that runs on Ray in this
+    /// process, or a new one started with `config`. Returns whether it was reused.
+    pub(crate) fn acquire(config: &BridgeConfig, flow_run: &FlowRunInfo) -> Result<(Arc<Bridge>, bool), RayError> {
+        let parent = flow_run.parent.as_ref().map(|parent| parent.flow_run_id);
+        let found = {
+            let mut live = lock(live());
+            live.retain(|(_, bridge)| bridge.upgrade().is_some_and(|b| b.shared.is_alive()));
+            live.iter().find(|(id, _)| Some(*id) == parent).and_then(|(_, bridge)| bridge.upgrade())
+        };
+        let (bridge, reused) = match found {
+            Some(bridge) => (bridge, true),
+            // Started outside the lock: another flow's runner need not wait for this one.
+            None => (Arc::new(Bridge { shared: start(config)? }), false),
+        };
+        lock(live()).push((flow_run.id, Arc::downgrade(&bridge)));
+        Ok((bridge, reused))
     }
 
     pub(crate) fn info(&self) -> &ClusterInfo {
@@ -95,8 +106,17 @@ impl Bridge {
     }
 }
 
-/// Launches a bridge, connects it, and opens its session.
+/// How long a cluster's address may take to accept a connection before the runner gives
+/// up on it, without starting a bridge.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Launches a bridge, connects it, and opens its session. A bad address, or one where
+/// nothing answers, fails first, in the program.
 fn start(config: &BridgeConfig) -> Result<Arc<Shared>, RayError> {
+    if let Some(address) = &config.address {
+        let parsed = crate::address::parse(address)?;
+        crate::address::probe(address, &parsed, PROBE_WAIT)?;
+    }
     let launched = launch::launch(config)?;
     let connected = handshake::handshake(launched, config)?;
     let shared = Shared::open(connected, config.max_in_flight)?;

@@ -5,9 +5,9 @@
 //! shuts down, the session closes under the same lock that admits runs, and every run in it
 //! (and any submitted later) ends `Crashed`: no run outlives its session unended.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::BufReader;
-use std::process::{Child, ChildStdout};
+use std::process::{Child, ChildStdout, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak, mpsc};
 use std::thread::JoinHandle;
@@ -18,8 +18,9 @@ use serde_bytes::ByteBuf;
 use serde_json::{Map, Value};
 
 use super::handshake::Connected;
-use super::launch::{self, kill_group};
+use super::launch::kill_group;
 use super::outbox::Outbox;
+use super::output::Output;
 use crate::error::RayError;
 use crate::protocol::envelope;
 use crate::protocol::frame::read_message;
@@ -48,7 +49,7 @@ pub(crate) struct Shared {
     alive: AtomicBool,
     releases: Mutex<Vec<u64>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    output: Output,
     temp_dir: Mutex<Option<tempfile::TempDir>>,
 }
 
@@ -130,7 +131,7 @@ impl Shared {
             alive: AtomicBool::new(true),
             releases: Mutex::new(Vec::new()),
             threads: Mutex::new(vec![launched.stderr.thread]),
-            stderr_tail: launched.stderr.tail,
+            output: launched.stderr.output,
             temp_dir: Mutex::new(Some(launched.temp_dir)),
         });
         let reader_shared = Arc::downgrade(&shared);
@@ -161,9 +162,10 @@ impl Shared {
             .map_err(|e| format!("could not reach the Ray bridge: {e}{}", self.last_words()))
     }
 
+    /// Why the bridge stopped, as far as it said: " (cause)", or nothing.
     fn last_words(&self) -> String {
-        match launch::last_words(&self.stderr_tail) {
-            Some(line) => format!(" (its last words: {line})"),
+        match self.output.cause() {
+            Some(cause) => format!(" ({cause})"),
             None => String::new(),
         }
     }
@@ -365,6 +367,19 @@ impl Shared {
         true
     }
 
+    /// The bridge's exit status, once it has exited (within `wait`).
+    fn exit_status(&self, wait: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + wait;
+        let mut child = lock(&self.child);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => return None,
+            }
+        }
+    }
+
     /// Ends the session's runs and requests: every run not finished yet ends `Crashed`, and
     /// any run submitted from now on too. Only the first reason counts.
     fn fail_everything(&self, message: &str) {
@@ -399,6 +414,8 @@ impl Shared {
             Reply::Value(ValueReply { request, blob }) => self.answer(request, Ok(Answer::Value(blob.into_vec()))),
             Reply::ValueError(NoValue { request, message }) => self.answer(request, Err(message)),
             Reply::Stats(StatsReply { request, stats }) => self.answer(request, Ok(Answer::Stats(stats))),
+            Reply::Log(record) => self.output.log(record),
+            Reply::Died(died) => self.output.died(died),
             Reply::Ready(_) | Reply::Fatal(..) | Reply::Bye => {}
         }
     }
@@ -423,6 +440,19 @@ impl StopOnSignal for Shared {
     }
 }
 
+/// An exit status in words: "killed by signal 9", "exit status 1".
+fn describe(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(status) => match (status.signal(), status.code()) {
+            (Some(signal), _) => format!("killed by signal {signal}"),
+            (None, Some(code)) => format!("exit status {code}"),
+            (None, None) => status.to_string(),
+        },
+        None => "still exiting".to_owned(),
+    }
+}
+
 fn read_replies(mut replies: BufReader<ChildStdout>, shared: Weak<Shared>) {
     loop {
         let reply = read_message::<Reply>(&mut replies);
@@ -432,9 +462,17 @@ fn read_replies(mut replies: BufReader<ChildStdout>, shared: Weak<Shared>) {
                 // A bridge stopped on purpose has its runs ended by whoever stopped it (or,
                 // on a signal, left as they are while the process goes).
                 if shared.is_alive() {
-                    let reason = format!("the Ray bridge process exited unexpectedly{}", shared.last_words());
+                    let status = shared.exit_status(Duration::from_secs(2));
+                    let reason = format!(
+                        "the Ray bridge process exited unexpectedly ({}){}",
+                        describe(status),
+                        shared.last_words()
+                    );
                     tracing::error!(target: "prefect_ray", "{reason}");
                     shared.fail_everything(&reason);
+                    // What it started (a temporary instance's processes) and its files go
+                    // now, not when the runner ends: the program may never get that far.
+                    shared.stop_processes();
                 }
                 return;
             }

@@ -57,6 +57,7 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
             Ok(None) => std::process::exit(0),
             Err(error) => {
                 eprintln!("prefect-ray executor: the command pipe broke: {error}");
+                shared_memory::remove_own_files();
                 std::process::exit(1);
             }
         };
@@ -65,6 +66,7 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
         let control: &[u8] = if restart { RESTART } else { b"" };
         if let Err(error) = call::reply(&mut replies, batch, &outcomes, control) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
+            shared_memory::remove_own_files();
             std::process::exit(1);
         }
         // Unmapping a large input frees its shared memory, which takes a while: after the reply.

@@ -35,13 +35,35 @@ impl Blob {
     }
 }
 
+/// Where shared-memory files go: `/dev/shm`, or the temporary directory without it.
+fn shared_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new("/dev/shm");
+    if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() }
+}
+
+/// The name prefix of this process's files: every writer names its files
+/// `prefect-ray-<pid>-...`, so whoever sees it die can remove what it left.
+fn own_prefix() -> String {
+    format!("prefect-ray-{}-", std::process::id())
+}
+
+/// Removes every shared-memory file this process wrote that is still there: for an
+/// executor whose worker is gone, nobody will read them.
+pub(super) fn remove_own_files() {
+    let prefix = own_prefix();
+    let Ok(entries) = std::fs::read_dir(shared_dir()) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes a blob made of `slices` to a new shared-memory file; returns the part that names it.
 pub(super) fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = std::path::Path::new("/dev/shm");
-    let dir = if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() };
     let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("prefect-ray-{}-{count}", std::process::id()));
+    let path = shared_dir().join(format!("{}{count}", own_prefix()));
     let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&path)?);
     for slice in slices {
         file.write_all(slice)?;

@@ -117,6 +117,21 @@ fn golden_replies() {
                 details: "Traceback (most recent call last): ...".into(),
             }),
         ),
+        (
+            "died",
+            Reply::Died(Died {
+                message: "BufferFull: the command was larger than the buffer".into(),
+                details: "Traceback (most recent call last): ...".into(),
+            }),
+        ),
+        (
+            "log",
+            Reply::Log(LogRecord {
+                level: LogLevel::Warning,
+                target: "ray.worker".into(),
+                message: "a warning from Ray".into(),
+            }),
+        ),
         ("done", Reply::Done(Done { key: 70_000, report: call(&[COMPLETED, 1, 0, 0, 0, 0x90]) })),
         (
             "batch_done",

@@ -181,6 +181,10 @@ pub(crate) enum Reply {
     Ready(ClusterInfo),
     /// Could not connect: the first and last reply of a bridge that does not.
     Fatal(Fatal),
+    /// The bridge cannot go on: the cause, its last reply before [`Reply::Bye`].
+    Died(Died),
+    /// A log record of the bridge's Python (its own or Ray's).
+    Log(LogRecord),
     /// A run's Ray task ended: its report.
     Done(Done),
     /// A batch's Ray task ended: its runs' reports.
@@ -235,6 +239,40 @@ pub(crate) struct Fatal {
     pub(crate) message: String,
     /// Ray's traceback, for the debug log.
     pub(crate) details: String,
+}
+
+/// Fields of [`Reply::Died`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Died {
+    /// One line that names the cause.
+    pub(crate) message: String,
+    /// The traceback, for the debug log.
+    pub(crate) details: String,
+}
+
+/// The level of a [`LogRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogLevel {
+    /// Python's DEBUG.
+    Debug,
+    /// Python's INFO.
+    Info,
+    /// Python's WARNING.
+    Warning,
+    /// Python's ERROR and CRITICAL.
+    Error,
+}
+
+/// Fields of [`Reply::Log`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LogRecord {
+    /// Its level.
+    pub(crate) level: LogLevel,
+    /// The Python logger's name.
+    pub(crate) target: String,
+    /// The formatted message.
+    pub(crate) message: String,
 }
 
 /// Fields of [`Reply::Done`].
