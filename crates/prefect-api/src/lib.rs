@@ -25,6 +25,7 @@
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
+mod backlog;
 mod client;
 mod error;
 mod model;

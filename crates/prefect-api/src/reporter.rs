@@ -9,8 +9,9 @@
 //!
 //! A request that fails because the server is unreachable or busy is tried again with
 //! exponential backoff. If it still fails, the server is taken to be down: one warning is
-//! logged, and for the next 30 seconds work is dropped at once, so nothing waits on a dead
-//! server. Then the next request tries again; if it gets through, reporting goes on.
+//! logged, nothing waits on it, and what could not be sent (events, logs, flow run states)
+//! is kept in a bounded backlog, the oldest dropped first. Every 2 seconds the backlog is
+//! tried again; once the server answers, it is sent in order and reporting goes on.
 //!
 //! The server chooses flow run ids itself, so callers name flow runs by ids of their own
 //! ("local" ids) and the reporter keeps the mapping. Work for a flow run the server does not
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use crate::backlog::{Backlog, Batch, Deferred};
 use crate::client::Client;
 use crate::error::ApiError;
 use crate::model::{Event, FlowRunCreate, FlowRunPolicy, LogCreate, Orchestration, StateCreate, TaskRunCreate};
@@ -33,8 +35,12 @@ use crate::model::{Event, FlowRunCreate, FlowRunPolicy, LogCreate, Orchestration
 const UNREACHABLE_BUDGET: Duration = Duration::from_secs(3);
 /// How long requests are retried while the server answers that it is busy.
 const BUSY_BUDGET: Duration = Duration::from_secs(15);
-/// How long work is dropped after the server was found down.
-const COOLDOWN: Duration = Duration::from_secs(30);
+/// How long requests are not even tried after the server was found down.
+const COOLDOWN: Duration = Duration::from_secs(2);
+/// How often the backlog is tried again while the server is down.
+const RETRY_BACKLOG: Duration = Duration::from_secs(2);
+/// How much work (events, log lines, states) is kept while the server is down.
+const MAX_BACKLOG: usize = 100_000;
 /// How long the worker waits for more work before sending a small batch.
 const LINGER: Duration = Duration::from_millis(20);
 const MAX_EVENTS_PER_REQUEST: usize = 500;
@@ -88,8 +94,10 @@ impl Job {
 /// Whether the server is up, as far as the reporter knows.
 #[derive(Default)]
 struct Health {
-    /// Until when work is dropped.
+    /// Until when requests are not tried.
     down_until: Option<Instant>,
+    /// Whether the last request failed for want of a server.
+    down: bool,
     /// Whether it was ever reached.
     reached: bool,
 }
@@ -131,8 +139,10 @@ impl Shared {
 ///
 /// A request that fails because the server is unreachable or busy (408, 429, 502, 503, 504)
 /// is tried again with exponential backoff, for up to 3 s (unreachable) or 15 s (busy). If it
-/// still fails, the server is taken to be down: one warning is logged, and for the next 30 s
-/// work is dropped at once; then the next request tries again.
+/// still fails, the server is taken to be down: one warning is logged, calls that wait for an
+/// answer get `None` at once, and events, logs and flow run states are kept (up to 100,000,
+/// the oldest dropped first) and sent in order once the server answers again, which the
+/// reporter checks every 2 s.
 ///
 /// The server chooses flow run ids itself, so callers name flow runs by ids of their own
 /// ("local" ids) and the reporter keeps the mapping. Work for a flow run the server does not
@@ -189,7 +199,12 @@ impl Reporter {
             dropped: AtomicUsize::new(0),
         });
         let (jobs, receiver) = mpsc::channel();
-        let worker = Worker { shared: shared.clone(), flows: HashMap::new(), rejected_paths: HashSet::new() };
+        let worker = Worker {
+            shared: shared.clone(),
+            flows: HashMap::new(),
+            rejected_paths: HashSet::new(),
+            backlog: Backlog::new(MAX_BACKLOG),
+        };
         std::thread::Builder::new()
             .name("prefect-reporter".into())
             .spawn(move || worker.run(receiver))
@@ -202,13 +217,13 @@ impl Reporter {
         &self.shared.client
     }
 
-    /// Whether the server has not been found down (recently).
+    /// Whether the server answered the last request (or none was made yet).
     pub fn is_reachable(&self) -> bool {
-        !self.shared.is_down()
+        !self.shared.health.lock().unwrap_or_else(|p| p.into_inner()).down
     }
 
-    /// How many events and log lines were dropped because the server was down, the flow
-    /// run was unknown to it, or too much was queued.
+    /// How many events and log lines were dropped: because the server refused them, the
+    /// flow run was unknown to it, too much was queued, or an outage outlasted the backlog.
     pub fn dropped(&self) -> usize {
         self.shared.dropped.load(Ordering::Relaxed)
     }
@@ -228,7 +243,13 @@ impl Reporter {
     /// Proposes a state for a flow run, after everything queued before it has been sent,
     /// and returns the server's decision; `None` if the server is down, does not know the
     /// run, or did not answer within `wait` (the caller goes on as if it had accepted).
+    /// While the server is down the state is kept and proposed once it is back.
     pub fn set_flow_run_state(&self, local_id: Uuid, state: StateCreate, wait: Duration) -> Option<Orchestration> {
+        if self.shared.is_down() {
+            let (reply, _) = mpsc::channel();
+            self.send(Job::SetFlowRunState(local_id, state, reply));
+            return None;
+        }
         self.ask(|reply| Job::SetFlowRunState(local_id, state, reply), wait).flatten()
     }
 
@@ -279,7 +300,7 @@ impl Reporter {
     }
 
     fn send(&self, job: Job) {
-        if self.shared.is_down() || self.shared.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+        if self.shared.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -295,11 +316,35 @@ struct Worker {
     flows: HashMap<String, Uuid>,
     /// Paths whose requests the server refused for good, warned about once each.
     rejected_paths: HashSet<String>,
+    /// What could not be sent while the server was down, oldest first.
+    backlog: Backlog,
+}
+
+/// Why a request was not answered.
+enum Failure {
+    /// The server is down (or was found down a moment ago): try again later.
+    Down,
+    /// The server refused it for good.
+    Rejected,
 }
 
 impl Worker {
     fn run(mut self, receiver: mpsc::Receiver<Job>) {
-        while let Ok(first) = receiver.recv() {
+        loop {
+            // While work is held back, wake up now and then to try the server again.
+            let first = if self.backlog.is_empty() {
+                receiver.recv().map_err(|_| ())
+            } else {
+                match receiver.recv_timeout(RETRY_BACKLOG) {
+                    Ok(job) => Ok(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.send_backlog(true);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                }
+            };
+            let Ok(first) = first else { return };
             let mut batch = vec![first];
             let deadline = Instant::now() + LINGER;
             while !batch.last().is_some_and(Job::is_waited_for) && batch.len() < 10 * MAX_EVENTS_PER_REQUEST {
@@ -319,6 +364,9 @@ impl Worker {
     }
 
     fn process(&mut self, batch: Vec<Job>) {
+        if !self.backlog.is_empty() {
+            self.send_backlog(false);
+        }
         let mut events = Vec::new();
         let mut logs = Vec::new();
         for job in batch {
@@ -356,11 +404,8 @@ impl Worker {
                 }
                 Job::SetFlowRunState(local, state, reply) => {
                     self.send_events(&mut events);
-                    let answer = self.shared.server_id(local).and_then(|server| {
-                        self.call(&format!("/flow_runs/{server}/set_state"), |c| {
-                            c.set_flow_run_state(server, &state, false)
-                        })
-                    });
+                    self.send_logs(&mut logs);
+                    let answer = self.shared.server_id(local).and_then(|server| self.set_state(server, state));
                     let _ = reply.send(answer);
                 }
                 Job::Flush(finished, reply) => {
@@ -387,7 +432,7 @@ impl Worker {
         let flow_id = match self.flows.get(&run.flow_name) {
             Some(id) => *id,
             None => {
-                let id = self.call("/flows/", |c| c.create_flow(&run.flow_name))?;
+                let id = self.call("/flows/", false, |c| c.create_flow(&run.flow_name)).ok()?;
                 self.flows.insert(run.flow_name.clone(), id);
                 id
             }
@@ -395,7 +440,7 @@ impl Worker {
         let mut parent_task_run_id = None;
         if let Some((parent_local, mut task_run)) = run.parent {
             task_run.flow_run_id = Some(self.shared.server_id(parent_local)?);
-            parent_task_run_id = Some(self.call("/task_runs/", |c| c.create_task_run(&task_run))?);
+            parent_task_run_id = Some(self.call("/task_runs/", false, |c| c.create_task_run(&task_run)).ok()?);
         }
         let create = FlowRunCreate {
             name: Some(run.name),
@@ -406,37 +451,121 @@ impl Worker {
             tags: run.tags,
             state: StateCreate::new("PENDING", "Pending"),
         };
-        let server = self.call("/flow_runs/", |c| c.create_flow_run(&create))?;
+        let server = self.call("/flow_runs/", false, |c| c.create_flow_run(&create)).ok()?;
         self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).ids.insert(run.local_id, server);
         Some(server)
     }
 
     fn send_events(&mut self, events: &mut Vec<Event>) {
-        if events.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(events);
-        if self.call("/events", |c| c.emit_events(&batch)).is_none() {
-            self.shared.dropped.fetch_add(batch.len(), Ordering::Relaxed);
+        if !events.is_empty() {
+            self.send_now_or_keep(Batch::Events(std::mem::take(events)));
         }
     }
 
     fn send_logs(&mut self, logs: &mut Vec<LogCreate>) {
-        if logs.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(logs);
-        if self.call("/logs/", |c| c.create_logs(&batch)).is_none() {
-            self.shared.dropped.fetch_add(batch.len(), Ordering::Relaxed);
+        if !logs.is_empty() {
+            self.send_now_or_keep(Batch::Logs(std::mem::take(logs)));
         }
     }
 
-    /// Makes one request, retrying transient failures with backoff; `None` if it failed.
-    fn call<T>(&mut self, path: &str, request: impl Fn(&Client) -> Result<T, ApiError>) -> Option<T> {
+    /// Proposes a flow run's state; kept for later if the server is down.
+    fn set_state(&mut self, server: Uuid, state: StateCreate) -> Option<Orchestration> {
+        if !self.backlog.is_empty() {
+            self.keep(Batch::State(server, state));
+            return None;
+        }
+        let path = format!("/flow_runs/{server}/set_state");
+        match self.call(&path, false, |c| c.set_flow_run_state(server, &state, false)) {
+            Ok(answer) => Some(answer),
+            Err(Failure::Down) => {
+                self.keep(Batch::State(server, state));
+                None
+            }
+            Err(Failure::Rejected) => None,
+        }
+    }
+
+    /// Sends a batch, unless work is held back already (it then waits its turn) or the
+    /// server is down (it is kept).
+    fn send_now_or_keep(&mut self, batch: Batch) {
+        if !self.backlog.is_empty() {
+            self.keep(batch);
+            return;
+        }
+        if let Err((failure, batch)) = self.send_batch(batch, false) {
+            match failure {
+                Failure::Down => self.keep(batch),
+                Failure::Rejected => self.drop_batch(&batch),
+            }
+        }
+    }
+
+    /// One request for a batch; the batch back if it failed.
+    fn send_batch(&mut self, batch: Batch, probe: bool) -> Result<(), (Failure, Batch)> {
+        let sent = match &batch {
+            Batch::Events(events) => self.call("/events", probe, |c| c.emit_events(events)),
+            Batch::Logs(logs) => self.call("/logs/", probe, |c| c.create_logs(logs)),
+            Batch::State(server, state) => self
+                .call(&format!("/flow_runs/{server}/set_state"), probe, |c| c.set_flow_run_state(*server, state, false))
+                .map(|_| ()),
+        };
+        sent.map_err(|failure| (failure, batch))
+    }
+
+    fn keep(&mut self, batch: Batch) {
+        match batch {
+            Batch::Events(events) => events.into_iter().for_each(|e| self.backlog.push(Deferred::Event(Box::new(e)))),
+            Batch::Logs(logs) => logs.into_iter().for_each(|l| self.backlog.push(Deferred::Log(l))),
+            Batch::State(server, state) => self.backlog.push(Deferred::State(server, state)),
+        }
+    }
+
+    fn drop_batch(&self, batch: &Batch) {
+        let count = match batch {
+            Batch::Events(events) => events.len(),
+            Batch::Logs(logs) => logs.len(),
+            Batch::State(..) => 1,
+        };
+        self.shared.dropped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Sends what was held back, in order, until the server fails again. `probe`: try even
+    /// though the server was found down a moment ago.
+    fn send_backlog(&mut self, probe: bool) {
+        let held = self.backlog.len();
+        let mut probe = probe;
+        while let Some(batch) = self.backlog.take_batch(MAX_EVENTS_PER_REQUEST, MAX_LOGS_PER_REQUEST) {
+            match self.send_batch(batch, probe) {
+                Ok(()) => probe = false,
+                Err((Failure::Down, batch)) => {
+                    self.backlog.put_back(batch);
+                    return;
+                }
+                Err((Failure::Rejected, batch)) => self.drop_batch(&batch),
+            }
+        }
+        let dropped = self.backlog.take_dropped();
+        self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
+        let lost = if dropped > 0 {
+            format!("; {dropped} older ones did not fit in the backlog and were dropped")
+        } else {
+            String::new()
+        };
+        tracing::info!(target: "prefect_api", "Prefect reporting: sent the {held} events, logs and states held while the server was down{lost}");
+    }
+
+    /// Makes one request, retrying transient failures with backoff. While the server is
+    /// down it is not tried at all, or, after the cooldown or when `probe` says so, once.
+    fn call<T>(
+        &mut self,
+        path: &str,
+        probe: bool,
+        request: impl Fn(&Client) -> Result<T, ApiError>,
+    ) -> Result<T, Failure> {
         let probing = {
             let health = self.shared.health.lock().unwrap_or_else(|p| p.into_inner());
             match health.down_until {
-                Some(until) if Instant::now() < until => return None,
+                Some(until) if Instant::now() < until && !probe => return Err(Failure::Down),
                 Some(_) => true,
                 None => false,
             }
@@ -447,7 +576,7 @@ impl Worker {
             let error = match request(&self.shared.client) {
                 Ok(value) => {
                     self.mark_up();
-                    return Some(value);
+                    return Ok(value);
                 }
                 Err(error) => error,
             };
@@ -455,13 +584,13 @@ impl Worker {
                 if self.rejected_paths.insert(path.split('/').take(2).collect::<Vec<_>>().join("/")) {
                     tracing::warn!(target: "prefect_api", "Prefect reporting: {error}");
                 }
-                return None;
+                return Err(Failure::Rejected);
             }
             let budget = if matches!(error, ApiError::Unreachable { .. }) { UNREACHABLE_BUDGET } else { BUSY_BUDGET };
             let pause = error.retry_after().unwrap_or(delay).min(Duration::from_secs(5));
             if probing || started.elapsed() + pause > budget {
                 self.mark_down(&error, probing);
-                return None;
+                return Err(Failure::Down);
             }
             std::thread::sleep(pause);
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -470,6 +599,7 @@ impl Worker {
 
     fn mark_up(&self) {
         let mut health = self.shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.down = false;
         if health.down_until.take().is_some() {
             tracing::info!(target: "prefect_api", "The Prefect server at {} is reachable again; reporting goes on", self.shared.client.api_url());
         }
@@ -479,11 +609,11 @@ impl Worker {
     fn mark_down(&self, error: &ApiError, was_down: bool) {
         let mut health = self.shared.health.lock().unwrap_or_else(|p| p.into_inner());
         health.down_until = Some(Instant::now() + COOLDOWN);
+        health.down = true;
         if !was_down {
             tracing::warn!(
                 target: "prefect_api",
-                "{error}. Runs are not reported while it is down (checked again in {} s); flows go on",
-                COOLDOWN.as_secs()
+                "{error}. Flows go on; what they report is kept (up to {MAX_BACKLOG} events, logs and states) and sent once the server is back"
             );
         }
     }

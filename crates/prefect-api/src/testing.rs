@@ -77,6 +77,7 @@ pub struct TestServer {
     child: Option<Child>,
     home: Option<tempfile::TempDir>,
     port: u16,
+    prefect: PathBuf,
 }
 
 impl TestServer {
@@ -122,11 +123,36 @@ impl TestServer {
                 .map_err(|e| fail(format!("copying {}: {e}", template.display())))?;
         }
         let port = free_port().map_err(|e| fail(format!("no free port on 127.0.0.1: {e}")))?;
-        let log = fs::File::create(home.path().join("server.log")).map_err(|e| fail(e.to_string()))?;
-        let mut command = Command::new(prefect);
+        let mut server = Self { child: None, home: Some(home), port, prefect: prefect.to_path_buf() };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same port and database, and
+    /// waits until it answers: a server that went away and came back.
+    ///
+    /// # Errors
+    ///
+    /// As for [`start`](Self::start).
+    pub fn restart(&mut self) -> Result<(), TestServerError> {
+        self.stop();
+        self.launch()
+    }
+
+    /// Runs `prefect server start` in this server's home and waits until it answers.
+    fn launch(&mut self) -> Result<(), TestServerError> {
+        let fail = |message: String| TestServerError(message);
+        let (prefect, port) = (self.prefect.clone(), self.port);
+        let home = self.home.as_ref().ok_or_else(|| fail("the server's home is gone".into()))?.path().to_path_buf();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.join("server.log"))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut command = Command::new(&prefect);
         command
             .args(["server", "start", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .envs(server_env(home.path(), port))
+            .envs(server_env(&home, port))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| fail(e.to_string()))?)
             .stderr(log);
@@ -138,16 +164,16 @@ impl TestServer {
             });
         }
         let child = command.spawn().map_err(|e| fail(format!("could not run {}: {e}", prefect.display())))?;
-        let mut server = Self { child: Some(child), home: Some(home), port };
-        let client = server.client().timeout(Duration::from_secs(2));
+        self.child = Some(child);
+        let client = self.client().timeout(Duration::from_secs(2));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if client.health().is_ok() {
-                return Ok(server);
+                return Ok(());
             }
-            let exited = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                let output = server.output_tail();
+                let output = self.output_tail();
                 let why = match exited {
                     Some(status) => format!("it exited with {status}"),
                     None => format!("it did not answer within {} s", START_TIMEOUT.as_secs()),

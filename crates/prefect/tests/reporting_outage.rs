@@ -1,6 +1,7 @@
 //! When the Prefect server goes away in the middle of a flow, the flow still finishes, soon,
-//! and reporting says so once. A test binary of its own: it counts every warning the process
-//! logs, and stops its own server.
+//! and reporting says so once; when the server comes back, what the flow reported while it
+//! was away arrives. A test binary of its own: it counts every warning the process logs,
+//! and stops and restarts its own server.
 
 mod prefect_server;
 
@@ -35,7 +36,7 @@ fn step(index: u32) -> u32 {
 }
 
 #[flow]
-fn interrupted() -> Result<u32, prefect::TaskError> {
+fn interrupted() -> Result<(uuid::Uuid, u32), prefect::TaskError> {
     let before: Vec<_> = (0..20).map(|i| step.submit(i)).collect();
     let mut sum = 0;
     for future in &before {
@@ -47,7 +48,7 @@ fn interrupted() -> Result<u32, prefect::TaskError> {
     for future in &after {
         sum += future.result()?;
     }
-    Ok(sum)
+    Ok((prefect::runtime::flow_run().unwrap().id, sum))
 }
 
 #[flow]
@@ -67,7 +68,8 @@ fn a_flow_finishes_when_its_server_stops_and_one_warning_says_so() {
     *SERVER.lock().unwrap() = Some(server);
 
     let started = Instant::now();
-    assert_eq!(interrupted().unwrap(), (0..40).sum::<u32>());
+    let (local, sum) = interrupted().unwrap();
+    assert_eq!(sum, (0..40).sum::<u32>());
     let took = started.elapsed();
     assert!(client.health().is_err(), "the server is really down");
     assert!(!reporting.is_reachable(), "the reporter noticed");
@@ -82,5 +84,19 @@ fn a_flow_finishes_when_its_server_stops_and_one_warning_says_so() {
     assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
     assert_eq!(warnings.0.lock().unwrap().len(), 1);
     eprintln!("the interrupted flow took {took:?}; the flow after it {:?}", started.elapsed());
-    drop(SERVER.lock().unwrap().take());
+
+    // The server comes back: the task runs and the flow run's end, reported while it was
+    // away, arrive, and nothing stays Pending.
+    let mut server = SERVER.lock().unwrap().take().unwrap();
+    server.own().unwrap().restart().expect("the server starts again");
+    let id = server.flow_run_id(local);
+    let runs = server.task_runs(id, 40);
+    let states: Vec<_> = runs.iter().map(|run| run["state_type"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(states, vec!["COMPLETED"; 40], "every task run ended on the server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.flow_run(id)["state_type"] != "COMPLETED" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.flow_run(id)["state_type"], "COMPLETED", "the flow run's end arrived");
+    assert_eq!(warnings.0.lock().unwrap().len(), 1, "{:#?}", warnings.0.lock().unwrap());
 }
