@@ -12,7 +12,6 @@ mod python;
 mod remote;
 mod report;
 mod runner;
-mod signals;
 
 pub use error::RayError;
 pub use remote::{RemoteOptions, remote_options};

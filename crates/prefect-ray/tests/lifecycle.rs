@@ -1,6 +1,7 @@
 //! A temporary Ray instance lives exactly as long as its flow run: it is torn down when the
 //! run ends, however it ends (success, failure, panic, Ctrl-C, SIGTERM, or the driver being
-//! killed), and no Ray process or file of it survives.
+//! killed), and no Ray process or file of it survives. An interrupted flow that reports to a
+//! Prefect server leaves its flow run and task runs ended there.
 //!
 //! Each flow runs in a child process (this test binary, running one ignored test) whose
 //! temporary directory is a fresh one of the test's, so everything the run started can be
@@ -13,9 +14,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use prefect::reporting::api::Client;
+use prefect::reporting::api::testing::TestServer;
 use prefect::{flow, task};
 use prefect_ray::RayTaskRunner;
 use support::{eventually, max_overlap, now, processes_mentioning};
+use uuid::Uuid;
 
 fn two_cpus() -> RayTaskRunner {
     RayTaskRunner::new().init_kwargs(serde_json::json!({"num_cpus": 2, "include_dashboard": false}))
@@ -57,9 +61,15 @@ fn panicking() {
     panic!("the flow panics");
 }
 
+/// Three runs that never end on two CPUs: two run, one waits its turn.
 #[flow(task_runner = two_cpus())]
 fn waiting_forever(marker: String) {
-    sleep_forever.submit(marker).wait(None);
+    if let Some(reporting) = prefect::reporting::current() {
+        let local = prefect::runtime::flow_run().unwrap().id;
+        println!("SERVER_FLOW_RUN={}", reporting.server_flow_run_id(local).unwrap());
+    }
+    let runs: Vec<_> = (0..3).map(|_| sleep_forever.submit(marker.clone())).collect();
+    prefect::wait(&runs, None);
 }
 
 /// The flows, run in the child process; which one comes from `LIFECYCLE_FLOW`.
@@ -138,46 +148,80 @@ fn a_panicking_flow_tears_its_instance_down() {
     assert_nothing_left(tmp.path());
 }
 
-/// Starts the waiting flow, and returns once its task is running.
-fn start_waiting(tmp: &Path) -> std::process::Child {
+/// Starts the waiting flow, reporting to `api_url` if given, and returns once a task is
+/// running, with the server's id of its flow run.
+fn start_waiting(tmp: &Path, api_url: Option<&str>) -> (std::process::Child, Option<Uuid>) {
     let marker = tmp.join("task-started");
-    let mut child = child_command("waiting", tmp)
-        .env("LIFECYCLE_MARKER", &marker)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut command = child_command("waiting", tmp);
+    command.env("LIFECYCLE_MARKER", &marker).env_remove("PREFECT_API_URL");
+    if let Some(url) = api_url {
+        command.env("PREFECT_API_URL", url);
+    }
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || BufReader::new(stderr).lines().for_each(drop));
+    // The id, from a line of the child's stdout (after libtest's "test child ... ").
+    let (id_sender, id) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some((_, id)) = line.split_once("SERVER_FLOW_RUN=") {
+                let _ = id_sender.send(id.trim().parse::<Uuid>().unwrap());
+            }
+        }
+    });
+    let flow_run =
+        api_url.map(|_| id.recv_timeout(Duration::from_secs(120)).expect("the child printed its flow run's id"));
     assert!(eventually(Duration::from_secs(120), || marker.exists()), "the task started");
     std::fs::remove_file(&marker).unwrap();
-    child
+    (child, flow_run)
 }
 
+/// Interrupts a flow that reports to a Prefect server; checks that Ray is gone and that the
+/// server has the flow run and all three task runs (two running, one waiting) Crashed.
 fn interrupt(signal: i32) {
+    let own =
+        std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().expect("a Prefect test server"));
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
     let tmp = scratch();
-    let mut child = start_waiting(tmp.path());
+    let (mut child, flow_run) = start_waiting(tmp.path(), Some(&api_url));
+    let flow_run = flow_run.unwrap();
     // SAFETY: sends a signal to our own child; no memory is involved.
     unsafe { libc::kill(child.id() as i32, signal) };
     let status = child.wait().unwrap();
     assert!(!status.success(), "the interrupted program did not claim success");
     assert_nothing_left(tmp.path());
+
+    // What the server has once the program is gone: nothing Running or Pending.
+    let client = Client::new(&api_url);
+    let run: serde_json::Value = client.get(&format!("/flow_runs/{flow_run}")).unwrap();
+    assert_eq!(run["state_type"], "CRASHED", "{run:#}");
+    assert!(run["state"]["message"].as_str().unwrap_or("").contains("interrupted"), "{run:#}");
+    let filter = serde_json::json!({"flow_runs": {"id": {"any_": [flow_run]}}});
+    let mut states = Vec::new();
+    let recorded = eventually(Duration::from_secs(30), || {
+        let runs: serde_json::Value = client.post("/task_runs/filter", &filter).unwrap();
+        states =
+            runs.as_array().unwrap().iter().map(|run| run["state_type"].as_str().unwrap_or("").to_owned()).collect();
+        states.len() == 3 && states.iter().all(|state| state == "CRASHED")
+    });
+    assert!(recorded, "every task run ended Crashed on the server: {states:?}");
 }
 
 #[test]
-fn ctrl_c_tears_the_instance_down() {
+fn ctrl_c_tears_the_instance_down_and_ends_the_runs_on_the_server() {
     interrupt(libc::SIGINT);
 }
 
 #[test]
-fn sigterm_tears_the_instance_down() {
+fn sigterm_tears_the_instance_down_and_ends_the_runs_on_the_server() {
     interrupt(libc::SIGTERM);
 }
 
 #[test]
 fn killing_the_driver_outright_still_ends_the_instance() {
     let tmp = scratch();
-    let mut child = start_waiting(tmp.path());
+    let (mut child, _) = start_waiting(tmp.path(), None);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_nothing_left(tmp.path());

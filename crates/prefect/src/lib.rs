@@ -10,6 +10,7 @@ mod context;
 mod error;
 mod flow;
 mod future;
+mod interrupt;
 mod into_arg;
 pub mod logging;
 mod names;

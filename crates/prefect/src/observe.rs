@@ -112,6 +112,10 @@ pub trait RunObserver: Send + Sync {
     fn log(&self, _record: &LogRecord) {}
     /// A flow run has ended: a chance to deliver what is queued before the program moves on.
     fn flow_run_finished(&self, _info: &FlowRunInfo) {}
+    /// The program is about to exit (a signal, or its end) while runs may be live: end
+    /// every run not ended yet as `Crashed` for `reason`, and deliver what is queued,
+    /// within a few seconds. Called at most a few times, from any thread.
+    fn interrupted(&self, _reason: &str) {}
 }
 
 static ANY: AtomicBool = AtomicBool::new(false);
@@ -167,4 +171,8 @@ pub fn log(record: &LogRecord) {
 
 pub(crate) fn flow_run_finished(info: &FlowRunInfo) {
     each(|o| o.flow_run_finished(info));
+}
+
+pub(crate) fn interrupted(reason: &str) {
+    each(|o| o.interrupted(reason));
 }

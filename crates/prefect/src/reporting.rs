@@ -128,7 +128,11 @@ pub fn connect(api_url: &str, api_key: Option<&str>) -> Result<Reporting, Report
     if let Some(key) = api_key {
         client = client.api_key(key);
     }
-    let reporting = Reporting(Arc::new(PrefectObserver { reporter: Reporter::new(client), tasks: Mutex::default() }));
+    let reporting = Reporting(Arc::new(PrefectObserver {
+        reporter: Reporter::new(client),
+        tasks: Mutex::default(),
+        flows: Mutex::default(),
+    }));
     observe::add_observer(reporting.0.clone());
     connections.push(reporting.clone());
     Ok(reporting)
@@ -159,10 +163,14 @@ struct PrefectObserver {
     reporter: Reporter,
     /// What the server must be told again with each state of an unfinished task run.
     tasks: Mutex<HashMap<Uuid, TaskProgress>>,
+    /// The flow runs not finished yet, to end `Crashed` if the program is interrupted.
+    flows: Mutex<HashMap<Uuid, FlowRunInfo>>,
 }
 
 /// A task run's cumulative figures, as Prefect's client computes them.
 struct TaskProgress {
+    /// What the run was created with, to report a state for it without the engine.
+    info: TaskRunInfo,
     flow_run_id: Uuid,
     run_count: u32,
     start_time: Option<DateTime<Utc>>,
@@ -175,8 +183,9 @@ struct TaskProgress {
 }
 
 impl TaskProgress {
-    fn new(flow_run_id: Uuid) -> Self {
+    fn new(info: TaskRunInfo, flow_run_id: Uuid) -> Self {
         Self {
+            info,
             flow_run_id,
             run_count: 0,
             start_time: None,
@@ -246,6 +255,20 @@ fn engine_state(state: &prefect_api::StateRead) -> State {
     }
 }
 
+/// How many of `flows` are above `info`: its parent, its parent's parent, ...
+fn depth(info: &FlowRunInfo, flows: &[FlowRunInfo]) -> usize {
+    let mut depth = 0;
+    let mut parent = info.parent.as_ref().map(|p| p.flow_run_id);
+    while let Some(id) = parent {
+        depth += 1;
+        parent = flows.iter().find(|f| f.id == id).and_then(|f| f.parent.as_ref().map(|p| p.flow_run_id));
+        if depth > flows.len() {
+            break;
+        }
+    }
+    depth
+}
+
 /// Python's level numbers, which the API stores.
 fn level_number(level: tracing::Level) -> u8 {
     match level {
@@ -269,7 +292,7 @@ impl PrefectObserver {
             if !created && !tasks.contains_key(&info.id) {
                 return;
             }
-            let progress = tasks.entry(info.id).or_insert_with(|| TaskProgress::new(flow_run_id));
+            let progress = tasks.entry(info.id).or_insert_with(|| TaskProgress::new(info.clone(), flow_run_id));
             let occurred = progress.enter(state);
             let task_run = json!({
                 "name": info.name,
@@ -305,6 +328,7 @@ impl PrefectObserver {
 
 impl RunObserver for PrefectObserver {
     fn flow_run_created(&self, info: &FlowRunInfo) {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(info.id, info.clone());
         let parent = info.parent.as_ref().map(|parent| {
             let task = &parent.task_run;
             let task_run = TaskRunCreate {
@@ -381,7 +405,31 @@ impl RunObserver for PrefectObserver {
     }
 
     fn flow_run_finished(&self, info: &FlowRunInfo) {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&info.id);
         self.reporter.flush_flow_run(info.id, FINAL_FLUSH_WAIT);
+    }
+
+    /// Every task run and flow run not ended yet ends `Crashed` on the server: task runs
+    /// first, then flow runs, subflows before their parents; then what is queued goes out,
+    /// all within the final flush's deadline.
+    fn interrupted(&self, reason: &str) {
+        let deadline = std::time::Instant::now() + FINAL_FLUSH_WAIT;
+        let crashed = State::crashed(reason);
+        let tasks: Vec<TaskRunInfo> =
+            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).values().map(|task| task.info.clone()).collect();
+        for info in &tasks {
+            self.task_event(info, &crashed, false);
+        }
+        let flows: Vec<FlowRunInfo> =
+            self.flows.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, info)| info).collect();
+        // Children before their parents: the deepest first.
+        let mut order: Vec<(usize, &FlowRunInfo)> = flows.iter().map(|info| (depth(info, &flows), info)).collect();
+        order.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
+        for (_, info) in order {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            self.reporter.set_flow_run_state(info.id, state_create(&crashed), wait);
+        }
+        self.reporter.flush(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
@@ -393,13 +441,29 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
     }
 
+    fn task_info() -> TaskRunInfo {
+        TaskRunInfo {
+            id: Uuid::nil(),
+            name: "shout-3f2".into(),
+            task_name: "shout".into(),
+            task_key: "shout-key".into(),
+            dynamic_key: "0".into(),
+            flow_run_id: None,
+            tags: Vec::new(),
+            inputs: Vec::new(),
+            retries: 0,
+            retry_delay_seconds: Vec::new(),
+            created: at(0),
+        }
+    }
+
     fn state(state: State, seconds: i64) -> State {
         State { timestamp: at(seconds), ..state }
     }
 
     #[test]
     fn progress_counts_runs_and_running_time_across_retries() {
-        let mut progress = TaskProgress::new(Uuid::nil());
+        let mut progress = TaskProgress::new(task_info(), Uuid::nil());
         progress.enter(&state(State::pending(), 0));
         progress.enter(&state(State::running(), 1));
         progress.enter(&state(State::awaiting_retry(at(5)), 3));
@@ -412,7 +476,7 @@ mod tests {
 
     #[test]
     fn event_times_of_one_run_always_increase() {
-        let mut progress = TaskProgress::new(Uuid::nil());
+        let mut progress = TaskProgress::new(task_info(), Uuid::nil());
         assert_eq!(progress.enter(&state(State::pending(), 10)), at(10));
         // A worker whose clock is behind the driver's.
         let occurred = progress.enter(&state(State::running(), 9));

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 pub use crate::error::{BoxError, TaskFailure};
+pub use crate::interrupt::{StopOnInterrupt, stop_on_interrupt};
 pub use crate::observe::{FlowRunInfo, SubflowParent, TaskRunInfo};
 pub use crate::options::{with_remote_options, with_remote_options_async};
 pub use crate::registry::{BodyFuture, LookupError, SyncBody, TaskBody, TaskDefinition, lookup};

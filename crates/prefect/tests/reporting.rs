@@ -433,3 +433,57 @@ fn child_flow() {
         Some(reporting) => println!("reporting: on, flow run {}", reporting.server_flow_run_id(local).unwrap()),
     }
 }
+
+/// Blocks until the test that started this child process is done with it (it never is).
+#[task]
+fn block_forever(marker: String) {
+    std::fs::write(marker, b"started").unwrap();
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+#[ignore = "run by a_program_that_exits_mid_flow_leaves_its_runs_crashed_on_the_server"]
+fn child_exiting_mid_flow() {
+    #[flow]
+    fn never_ends(marker: String) {
+        let reporting = prefect::reporting::current().unwrap();
+        let local = prefect::runtime::flow_run().unwrap().id;
+        println!("SERVER_FLOW_RUN={}", reporting.server_flow_run_id(local).unwrap());
+        let runs: Vec<_> = (0..3).map(|_| block_forever.submit(marker.clone())).collect();
+        prefect::wait(&runs, None);
+    }
+    let marker = std::env::var("MARKER").unwrap();
+    let watched = marker.clone();
+    std::thread::spawn(move || never_ends(marker));
+    while !std::path::Path::new(&watched).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The program ends while its flow runs on another thread: `main` returns, or, as here,
+    // something calls exit.
+    std::process::exit(3);
+}
+
+#[test]
+fn a_program_that_exits_mid_flow_leaves_its_runs_crashed_on_the_server() {
+    let server = server();
+    let marker = std::env::temp_dir().join(format!("prefect-exiting-{}", Uuid::new_v4()));
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_exiting_mid_flow", "--ignored", "--nocapture"])
+        .env("PREFECT_API_URL", server.client.api_url())
+        .env("MARKER", &marker)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&marker);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(3), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let id: Uuid = stdout
+        .lines()
+        .find_map(|line| line.split_once("SERVER_FLOW_RUN=").map(|(_, id)| id.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let run = server.flow_run(id);
+    assert_eq!(run["state_type"], "CRASHED", "{run:#}");
+    assert_eq!(run["state"]["message"], "the program exited before the run ended");
+    let runs = server.task_runs(id, 3);
+    let states: Vec<_> = runs.iter().map(|run| run["state_type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(states, vec!["CRASHED"; 3]);
+}

@@ -120,9 +120,8 @@ fn start(config: &BridgeConfig) -> Result<Arc<Shared>, RayError> {
     let launched = launch::launch(config)?;
     let connected = handshake::handshake(launched, config)?;
     let shared = Shared::open(connected, config.max_in_flight)?;
-    if shared.info.started_local {
-        crate::signals::install();
-    }
-    crate::signals::register(Arc::downgrade(&shared) as Weak<dyn crate::signals::StopOnSignal>);
+    // Ctrl-C and SIGTERM end the bridge (and a temporary instance with it) before the
+    // program goes, while the engine ends the live runs.
+    prefect::runner::stop_on_interrupt(Arc::downgrade(&shared) as Weak<dyn prefect::runner::StopOnInterrupt>);
     Ok(shared)
 }

@@ -40,12 +40,12 @@ impl Output {
     /// Logs a record of the bridge's Python at its own level, and keeps a problem's first
     /// line for an error message.
     pub(super) fn log(&self, record: LogRecord) {
-        let LogRecord { level, target: logger, message } = record;
+        let LogRecord { level, message, .. } = record;
         match level {
-            LogLevel::Debug => tracing::debug!(target: "prefect_ray::ray", %logger, "{message}"),
-            LogLevel::Info => tracing::info!(target: "prefect_ray::ray", %logger, "{message}"),
-            LogLevel::Warning => tracing::warn!(target: "prefect_ray::ray", %logger, "{message}"),
-            LogLevel::Error => tracing::error!(target: "prefect_ray::ray", %logger, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "prefect_ray::ray", "{message}"),
+            LogLevel::Info => tracing::info!(target: "prefect_ray::ray", "{message}"),
+            LogLevel::Warning => tracing::warn!(target: "prefect_ray::ray", "{message}"),
+            LogLevel::Error => tracing::error!(target: "prefect_ray::ray", "{message}"),
         }
         if matches!(level, LogLevel::Warning | LogLevel::Error) {
             self.said().problem = first_line(&message);

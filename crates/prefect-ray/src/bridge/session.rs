@@ -29,7 +29,6 @@ use crate::protocol::{
     ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
 };
 use crate::report::{self, PendingRun};
-use crate::signals::StopOnSignal;
 
 /// A remote function of the bridge: a task's options, and the function's number.
 type RemoteFunction = (Map<String, Value>, u32);
@@ -434,8 +433,8 @@ impl Shared {
     }
 }
 
-impl StopOnSignal for Shared {
-    fn stop_on_signal(&self) {
+impl prefect::runner::StopOnInterrupt for Shared {
+    fn stop_on_interrupt(&self) {
         self.stop_processes();
     }
 }

@@ -198,6 +198,8 @@ impl FlowRun {
             None => tracing::info_span!(parent: None, "flow_run", name = %name, id = %id),
         };
         let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
+        // Ctrl-C from now on ends this run and its task runs Crashed where they are observed.
+        crate::interrupt::install();
         observe::flow_run_created(&info);
         let mut run = Self { flow, options, info, context, ended: false };
         run.context.span.in_scope(|| {
