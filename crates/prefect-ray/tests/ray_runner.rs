@@ -662,6 +662,11 @@ fn runs_in_flight_or_submitted_after_the_bridge_dies_end_crashed_at_once() {
         add.submit(1, 2).wait(None);
         let in_flight: Vec<_> = (0..2).map(|_| nap.submit(60_000)).collect();
         let bridge = prefect_ray::diagnostics::bridge_stats().expect("the bridge is up").bridge_pid;
+        // The bridge runs a script in the directory of its own: .../prefect-ray-XXXXXX/bridge/.
+        let command = std::fs::read(format!("/proc/{bridge}/cmdline")).unwrap();
+        let script = String::from_utf8_lossy(&command).split('\0').find(|arg| arg.ends_with(".py")).unwrap().to_owned();
+        let own_dir = PathBuf::from(script).parent().unwrap().parent().unwrap().to_path_buf();
+        assert!(own_dir.exists(), "{own_dir:?}");
         // SAFETY: kill(2) on the bridge, a child of this process; no memory is involved.
         unsafe { libc::kill(bridge as libc::pid_t, libc::SIGKILL) };
         assert!(support::eventually(Duration::from_secs(10), || is_dead(bridge)), "the bridge died");
@@ -670,7 +675,10 @@ fn runs_in_flight_or_submitted_after_the_bridge_dies_end_crashed_at_once() {
         let no_value = "no run completes without a bridge";
         let mut errors: Vec<TaskError> = after.iter().map(|f| f.result().expect_err(no_value)).collect();
         errors.extend(in_flight.iter().map(|f| f.result().expect_err(no_value)));
-        (errors, started.elapsed())
+        let took = started.elapsed();
+        // Its files go with it, before the flow ends (a Ctrl-C now would leave nothing).
+        assert!(support::eventually(Duration::from_secs(5), || !own_dir.exists()), "{own_dir:?} is gone");
+        (errors, took)
     }
     let (errors, took) = orphaned(&cluster).unwrap();
     assert!(took < Duration::from_secs(2), "every run ended at once: {took:?}");

@@ -9,6 +9,7 @@
 //! A program that exits otherwise while a flow runs on another thread (its `main` returns or
 //! panics) ends the live runs the same way, from an `atexit` handler.
 
+use std::io::Write;
 use std::sync::{Mutex, Once, Weak};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -68,7 +69,10 @@ pub(crate) fn install() {
             let mut pending = signals.forever();
             let Some(signal) = pending.next() else { return };
             let ending = std::thread::Builder::new().name("prefect-interrupted".into()).spawn(move || {
-                end_everything(&format!("the program was interrupted ({})", signal_name(signal)), true);
+                // Whatever happens while ending things (a closed stderr, a panicking
+                // observer), the process goes.
+                let reason = format!("the program was interrupted ({})", signal_name(signal));
+                let _ = std::panic::catch_unwind(|| end_everything(&reason, true));
                 let _ = signal_hook::low_level::emulate_default_handler(signal);
                 std::process::exit(128 + signal);
             });
@@ -89,7 +93,8 @@ pub(crate) fn install() {
 }
 
 extern "C" fn at_exit() {
-    end_everything("the program exited before the run ended", false);
+    // A panic must not unwind out of a C callback.
+    let _ = std::panic::catch_unwind(|| end_everything("the program exited before the run ended", false));
 }
 
 /// Stops what runners registered and ends live runs where they are observed, at the same
@@ -101,7 +106,11 @@ fn end_everything(reason: &str, announce: bool) {
         return;
     }
     if announce {
-        eprintln!("prefect: {reason}; ending the live runs and what runners started (again to exit at once)");
+        // Not eprintln!, which panics when stderr is gone (a closed terminal, a dead pipe).
+        let _ = writeln!(
+            std::io::stderr(),
+            "prefect: {reason}; ending the live runs and what runners started (again to exit at once)"
+        );
     }
     let stopping = std::thread::Builder::new()
         .name("prefect-stop-runners".into())

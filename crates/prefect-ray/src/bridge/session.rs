@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub(crate) info: ClusterInfo,
     max_in_flight: usize,
     alive: AtomicBool,
+    /// Held while the processes and files are being ended: whoever comes second waits
+    /// until they are gone (a program must not exit while its reader thread is halfway).
+    stopping: Mutex<()>,
     releases: Mutex<Vec<u64>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     output: Output,
@@ -128,6 +131,7 @@ impl Shared {
             info,
             max_in_flight: max_in_flight.max(1),
             alive: AtomicBool::new(true),
+            stopping: Mutex::new(()),
             releases: Mutex::new(Vec::new()),
             threads: Mutex::new(vec![launched.stderr.thread]),
             output: launched.stderr.output,
@@ -334,8 +338,22 @@ impl Shared {
     }
 
     /// Ends the bridge's processes and files without touching its runs, for a process that
-    /// is about to exit on a signal. Returns whether this call did the work.
+    /// is about to exit on a signal. Returns whether this call did the work; a second caller
+    /// waits until the first is done.
     fn stop_processes(&self) -> bool {
+        let stopping = lock(&self.stopping);
+        self.stop_processes_locked(stopping)
+    }
+
+    /// What the reader thread does when the bridge died: the work, unless another thread is
+    /// doing it already (which joins the reader thread: waiting for it would deadlock).
+    fn stop_processes_if_idle(&self) {
+        if let Ok(stopping) = self.stopping.try_lock() {
+            self.stop_processes_locked(stopping);
+        }
+    }
+
+    fn stop_processes_locked(&self, _stopping: MutexGuard<'_, ()>) -> bool {
         if !self.alive.swap(false, Ordering::AcqRel) {
             return false;
         }
@@ -471,7 +489,7 @@ fn read_replies(mut replies: BufReader<ChildStdout>, shared: Weak<Shared>) {
                     shared.fail_everything(&reason);
                     // What it started (a temporary instance's processes) and its files go
                     // now, not when the runner ends: the program may never get that far.
-                    shared.stop_processes();
+                    shared.stop_processes_if_idle();
                 }
                 return;
             }
