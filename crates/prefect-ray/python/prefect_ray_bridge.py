@@ -50,6 +50,7 @@ from prefect_ray_worker.driver import (
 )
 from prefect_ray_worker.protocol import (
     BYE,
+    MAX_COMMAND,
     BatchDone,
     BridgeStats,
     Cancel,
@@ -399,7 +400,7 @@ def one_line(error: BaseException) -> str:
 def run_commands(bridge: Bridge, commands: BinaryIO) -> None:
     """Runs commands until `shutdown` or the end of input. A command that fails is logged
     and the next one runs; an error of the stream itself ends the bridge."""
-    unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=2**31 - 1)
+    unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=MAX_COMMAND)
     for message in unpacker:
         try:
             command = decode_command(message)

@@ -4,11 +4,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prefect::State;
 use prefect::runner::{Arg, FlowRunInfo, RunnerError, TaskRun, TaskRunSpec, TaskRunner, not_ready};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bridge::{Bridge, BridgeConfig, Call, RayObject, Shared};
+use crate::protocol::MAX_COMMAND;
 use crate::protocol::envelope::CallHeader;
 use crate::report::PendingRun;
 
@@ -262,6 +264,10 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
             return None;
         }
     };
+    if let Err(message) = check_call_size(header.len()) {
+        spec.run.finish(State::failed(message), None);
+        return None;
+    }
     let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
         Ok(function) => function,
         Err(message) => {
@@ -273,10 +279,41 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
     Some((function, Call { pending: PendingRun { run: spec.run, dependencies }, header, value_keys, report_keys }))
 }
 
+/// Room for the command around a call: its key, its dependencies' keys, MessagePack's heads.
+const COMMAND_OVERHEAD: usize = 1 << 20;
+
+/// A call too large for the bridge fails its run at once, instead of the bridge.
+fn check_call_size(bytes: usize) -> Result<(), String> {
+    let limit = MAX_COMMAND - COMMAND_OVERHEAD;
+    if bytes <= limit {
+        return Ok(());
+    }
+    let gib = |bytes: usize| bytes as f64 / f64::from(1u32 << 30);
+    Err(format!(
+        "the arguments of this run take {:.2} GiB, more than the {:.2} GiB a run can take from the program; \
+         create large data inside a task and pass its future to the tasks that need it",
+        gib(bytes),
+        gib(limit)
+    ))
+}
+
 fn replace_upstreams(arg: Arg, replacements: &[Arg]) -> Arg {
     match arg {
         Arg::Upstream(index) => replacements[index].clone(),
         Arg::List(items) => Arg::List(items.into_iter().map(|item| replace_upstreams(item, replacements)).collect()),
         value => value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_too_large_for_the_bridge_is_refused_with_its_size() {
+        assert!(check_call_size(1 << 30).is_ok());
+        let message = check_call_size(2_200_000_000).unwrap_err();
+        assert!(message.starts_with("the arguments of this run take 2.05 GiB, more than the 2.00 GiB"), "{message}");
+        assert!(message.ends_with("pass its future to the tasks that need it"), "{message}");
     }
 }

@@ -36,6 +36,8 @@ NOT_COMPLETED = 1
 IN_FILE = 2
 #: The control word an executor ends a reply with when it must be restarted.
 RESTART = b"exit"
+#: The largest command the bridge reads (MessagePack's limit for one buffer).
+MAX_COMMAND = 2**31 - 1
 #: The unit command that ends the bridge.
 SHUTDOWN = "shutdown"
 #: The unit reply a bridge sends last.

@@ -56,6 +56,10 @@ pub(crate) const FILE_LIMIT: usize = 1 << 20;
 /// without asking Ray.
 pub(crate) const INLINE_VALUE_LIMIT: usize = 64 << 10;
 
+/// The largest command the bridge reads (MessagePack's limit for one buffer): a run whose
+/// call is larger fails before it is sent.
+pub(crate) const MAX_COMMAND: usize = (1 << 31) - 1;
+
 /// The bridge's configuration: the first frame on its stdin, a map with named keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Config {
