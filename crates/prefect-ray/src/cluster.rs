@@ -93,6 +93,21 @@ struct NodeSpec {
 }
 
 impl LocalCluster {
+    /// Kills extra node `index` (1 for the first added with [`LocalClusterBuilder::node`])
+    /// outright, its raylet, workers and their children, as a machine that dies would; the
+    /// rest of the cluster goes on. For fault tests.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is 0 (the head) or names no node.
+    pub fn kill_node(&mut self, index: usize) {
+        assert!(index > 0, "the head is not killed: the cluster would go with it");
+        let node = &mut self.nodes[index];
+        // SAFETY: kill(2) on a process group we started; no memory is involved.
+        unsafe { libc::kill(-(node.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = node.wait();
+    }
+
     /// A builder for a cluster whose head has 2 CPUs, a Ray Client server, and no dashboard.
     pub fn builder() -> LocalClusterBuilder {
         LocalClusterBuilder { python: None, num_cpus: 2, head_env: Vec::new(), dashboard: false, nodes: Vec::new() }
@@ -341,6 +356,10 @@ fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child,
 /// whole group would make them wait out Ray's 30 s drain), a grace period, then SIGKILL to
 /// whatever is left in the group.
 fn stop_group(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        // Gone already (killed by a test): its pid may belong to another process by now.
+        return;
+    }
     // SAFETY: kill(2) on processes we started; no memory is involved.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     for _ in 0..200 {

@@ -151,7 +151,8 @@ fn a_panicking_flow_tears_its_instance_down() {
 /// Starts the waiting flow, reporting to `api_url` if given, and returns once a task is
 /// running, with the server's id of its flow run.
 fn start_waiting(tmp: &Path, api_url: Option<&str>) -> (std::process::Child, Option<Uuid>) {
-    let marker = tmp.join("task-started");
+    // Beside the child's directory, not in it: the tasks write it more than once.
+    let marker = tmp.with_extension("task-started");
     let mut command = child_command("waiting", tmp);
     command.env("LIFECYCLE_MARKER", &marker).env_remove("PREFECT_API_URL");
     if let Some(url) = api_url {
@@ -173,7 +174,6 @@ fn start_waiting(tmp: &Path, api_url: Option<&str>) -> (std::process::Child, Opt
     let flow_run =
         api_url.map(|_| id.recv_timeout(Duration::from_secs(120)).expect("the child printed its flow run's id"));
     assert!(eventually(Duration::from_secs(120), || marker.exists()), "the task started");
-    std::fs::remove_file(&marker).unwrap();
     (child, flow_run)
 }
 
@@ -191,6 +191,7 @@ fn interrupt(signal: i32) {
     let status = child.wait().unwrap();
     assert!(!status.success(), "the interrupted program did not claim success");
     assert_nothing_left(tmp.path());
+    std::fs::remove_file(tmp.path().with_extension("task-started")).unwrap();
 
     // What the server has once the program is gone: nothing Running or Pending.
     let client = Client::new(&api_url);
@@ -225,4 +226,5 @@ fn killing_the_driver_outright_still_ends_the_instance() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_nothing_left(tmp.path());
+    std::fs::remove_file(tmp.path().with_extension("task-started")).unwrap();
 }

@@ -127,6 +127,9 @@ fn environment(config: &BridgeConfig, command: &mut Command) {
         // A task that Ray's memory monitor kills is retried this many times (read by the
         // driver, which owns the tasks), then fails: Ray's default retries it forever.
         ("RAY_task_oom_retries", OOM_RETRIES),
+        // A crashed run's error reaches the program through its report; Ray would also log
+        // it a second time as "unhandled", for the value object nobody asked for.
+        ("RAY_IGNORE_UNHANDLED_ERRORS", "1"),
     ];
     if config.address.as_deref().is_none_or(is_loopback_address) {
         // Ray otherwise swaps 127.0.0.1 for the machine's network address, and listens
