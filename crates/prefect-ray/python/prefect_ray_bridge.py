@@ -453,6 +453,9 @@ def main() -> int:
     os.dup2(2, 1)
     writer = Writer(replies)
     route_logs(writer.send)
+    # The runner ships the program to clusters on purpose: Ray's notes on packaging it (and
+    # its warning that the file is large) say nothing the user can act on.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.ERROR)
     threading.excepthook = log_thread_error
 
     def on_signal(signum: int, frame: Any) -> NoReturn:

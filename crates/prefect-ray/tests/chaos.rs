@@ -61,7 +61,7 @@ fn produce(dir: PathBuf) -> ByteBuf {
 }
 
 #[task]
-fn total(data: ByteBuf) -> u64 {
+fn sum_of(data: ByteBuf) -> u64 {
     data.iter().map(|&b| u64::from(b)).sum()
 }
 
@@ -162,7 +162,7 @@ fn faults_mid_flow_end_runs_crashed_or_ray_retries_them_and_nothing_is_left() {
             let made_on = std::fs::read_to_string(dir.join("produce.attempts")).unwrap();
             let node: usize = made_on.trim().trim_start_matches('n').parse().unwrap();
             cluster.lock().unwrap().kill_node(node);
-            total.submit(&value).result()
+            sum_of.submit(&value).result()
         }
         let (address, token) = {
             let cluster = cluster.lock().unwrap();
@@ -188,4 +188,58 @@ fn faults_mid_flow_end_runs_crashed_or_ray_retries_them_and_nothing_is_left() {
     drop(cluster);
     let gone = eventually(Duration::from_secs(30), || processes_mentioning(&cluster_dir).is_empty());
     assert!(gone, "processes survived the cluster: {:?}", processes_mentioning(&cluster_dir));
+}
+
+/// Takes memory, 64 MiB at a time, up to 8 GiB; each attempt notes itself.
+#[task]
+fn hoard(dir: PathBuf) -> usize {
+    use std::io::Write;
+    let mut attempts = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hoard.attempts")).unwrap();
+    writeln!(attempts, "{}", std::process::id()).unwrap();
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..128 {
+        held.push(vec![1u8; 64 << 20]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    held.len()
+}
+
+/// Bytes of memory in use on this machine now, and in all.
+fn memory_in_use() -> (u64, u64) {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> u64 {
+        let line = info.lines().find(|line| line.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let (installed, available) = (field("MemTotal:"), field("MemAvailable:"));
+    (installed - available, installed)
+}
+
+#[test]
+fn a_task_that_runs_out_of_memory_is_tried_a_bounded_number_of_times_then_crashes_saying_so() {
+    // Ray's memory monitor kills workers once the machine's memory use passes a threshold:
+    // here 1.5 GiB above what is in use now, so the test never pushes the machine far.
+    let (in_use, installed) = memory_in_use();
+    let threshold = (in_use + (3 << 29)) as f64 / installed as f64;
+    let cluster = LocalCluster::builder()
+        .num_cpus(1)
+        .head_env("RAY_memory_usage_threshold", &format!("{threshold:.3}"))
+        .head_env("RAY_memory_monitor_refresh_ms", "100")
+        .start()
+        .expect("a one-node cluster starts");
+    let dir = tempfile::tempdir().unwrap();
+    #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token))]
+    fn greedy(address: &str, token: &str, dir: &Path) -> TaskError {
+        hoard.submit(dir.to_path_buf()).result().unwrap_err()
+    }
+    let error = greedy(cluster.gcs_address(), cluster.auth_token(), dir.path()).unwrap();
+    assert!(matches!(error, TaskError::Crashed { .. }), "{error:?}");
+    assert!(error.message().starts_with("out of memory: Ray's memory monitor killed the task's worker"), "{error}");
+    let attempts = std::fs::read_to_string(dir.path().join("hoard.attempts")).unwrap();
+    assert_eq!(attempts.lines().count(), 3, "the first attempt and two retries: {attempts}");
+    // Each attempt's executor went with its worker: none holds its memory on.
+    for pid in attempts.lines() {
+        let gone = eventually(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists());
+        assert!(gone, "the executor {pid} of a killed worker is gone");
+    }
 }

@@ -39,7 +39,20 @@ fn enter_executor_mode() {
         eprintln!("prefect-ray executor: {EXECUTOR_ENV} must be two descriptors, like 3,4; got {fds:?}");
         std::process::exit(2);
     };
+    die_with_worker();
     serve(commands, replies);
+}
+
+/// An executor goes when its worker goes (killed for memory, with its node), mid-task or
+/// not: it would otherwise run on, holding what its task holds, with nobody to answer.
+fn die_with_worker() {
+    let worker = std::os::unix::process::parent_id();
+    // SAFETY: prctl(2) with PR_SET_PDEATHSIG touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if std::os::unix::process::parent_id() != worker {
+        // The worker died before the request took effect.
+        std::process::exit(1);
+    }
 }
 
 /// Serves task runs until the worker closes the command pipe.
