@@ -193,7 +193,15 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
     """Hands a call to this worker's executor (started on first use); returns its reply."""
     current = _executors.get(executor)
     if current is None:
-        current = _executors[executor] = _Executor(executor_path(executor))
+        path = executor_path(executor)
+        try:
+            current = _Executor(path)
+        except FileNotFoundError:
+            raise ExecutorCrashed(
+                f"the program that runs the task is not on this node at {path}: let the runner ship it to the "
+                "cluster (the default, without .ship_executor(false)), or install it at that path on every node"
+            ) from None
+        _executors[executor] = current
     written: list[str] = []
     try:
         *reply, control = current.call([parts[0], *(_to_executor(part, written) for part in parts[1:])])

@@ -1,5 +1,7 @@
 //! Throwaway Ray clusters on this machine, for tests and examples.
 
+mod isolated;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -81,6 +83,7 @@ pub struct LocalClusterBuilder {
     python: Option<PathBuf>,
     num_cpus: u32,
     head_env: Vec<(String, String)>,
+    head_resources: Map<String, Value>,
     dashboard: bool,
     nodes: Vec<NodeSpec>,
 }
@@ -90,6 +93,8 @@ struct NodeSpec {
     num_cpus: u32,
     resources: Map<String, Value>,
     env: Vec<(String, String)>,
+    /// In a mount namespace of its own, without the program's files.
+    isolated: bool,
 }
 
 impl LocalCluster {
@@ -110,7 +115,14 @@ impl LocalCluster {
 
     /// A builder for a cluster whose head has 2 CPUs, a Ray Client server, and no dashboard.
     pub fn builder() -> LocalClusterBuilder {
-        LocalClusterBuilder { python: None, num_cpus: 2, head_env: Vec::new(), dashboard: false, nodes: Vec::new() }
+        LocalClusterBuilder {
+            python: None,
+            num_cpus: 2,
+            head_env: Vec::new(),
+            head_resources: Map::new(),
+            dashboard: false,
+            nodes: Vec::new(),
+        }
     }
 
     /// The GCS address, `127.0.0.1:port`.
@@ -149,6 +161,12 @@ impl Drop for LocalCluster {
 }
 
 impl LocalClusterBuilder {
+    /// Custom resources of the head node, such as `[("head", 1.0)]`.
+    pub fn head_resources<'a>(mut self, resources: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
+        self.head_resources.extend(resources.into_iter().map(|(k, v)| (k.to_owned(), Value::from(v))));
+        self
+    }
+
     /// The head node's CPUs.
     pub fn num_cpus(mut self, cpus: u32) -> Self {
         self.num_cpus = cpus;
@@ -179,8 +197,26 @@ impl LocalClusterBuilder {
             num_cpus: cpus,
             resources: resources.into_iter().map(|(k, v)| (k.to_owned(), Value::from(v))).collect(),
             env: env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            isolated: false,
         });
         self
+    }
+
+    /// Adds a node like [`node`](Self::node) that shares nothing with the program but the
+    /// network, as a machine of its own would: it runs in a mount namespace of its own, where
+    /// the program's checkout, build directory, `/tmp` and `/dev/shm` are empty. Needs
+    /// `unshare` and the right to use it (root, or user namespaces).
+    pub fn isolated_node<'a>(
+        self,
+        cpus: u32,
+        resources: impl IntoIterator<Item = (&'a str, f64)>,
+        env: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut builder = self.node(cpus, resources, env);
+        if let Some(spec) = builder.nodes.last_mut() {
+            spec.isolated = true;
+        }
+        builder
     }
 
     /// The Python that has Ray, instead of the one found by default.
@@ -222,6 +258,7 @@ impl LocalClusterBuilder {
             "--min-worker-port=0".to_owned(),
             "--max-worker-port=0".to_owned(),
             format!("--num-cpus={}", self.num_cpus),
+            format!("--resources={}", Value::Object(self.head_resources.clone())),
             format!("--temp-dir={}", cluster.dir().display()),
         ];
         if self.dashboard {
@@ -235,18 +272,23 @@ impl LocalClusterBuilder {
         } else {
             head.push("--include-dashboard=false".to_owned());
         }
-        let mut command = node_command(&python, &self.head_env, &cluster.auth_token);
+        let mut command = node_command(Command::new(&python), &self.head_env, &cluster.auth_token);
         command.args(["-c", RAY_CLI]).args(&head);
         cluster.nodes.push(start_node(command, "Ray runtime started", &python)?);
         // The Ray Client server comes up a moment after the node says it has started.
         wait_for_port(client_port, Duration::from_secs(60))?;
         for spec in &self.nodes {
-            let mut command = node_command(&python, &spec.env, &cluster.auth_token);
+            let (program, temp_dir) = if spec.isolated {
+                (isolated::command(&python), PathBuf::from(isolated::NODE_TEMP_DIR))
+            } else {
+                (Command::new(&python), cluster.dir().to_path_buf())
+            };
+            let mut command = node_command(program, &spec.env, &cluster.auth_token);
             command.args(["-c", WORKER_NODE]).args([
                 cluster.gcs_address.clone(),
                 spec.num_cpus.to_string(),
                 Value::Object(spec.resources.clone()).to_string(),
-                cluster.dir().display().to_string(),
+                temp_dir.display().to_string(),
             ]);
             cluster.nodes.push(start_node(command, "WORKER_NODE_READY", &python)?);
         }
@@ -277,8 +319,7 @@ signal.pause()
 
 /// A Python command for a node: loopback only, token authentication on, no fixed ports,
 /// in a process group of its own that dies with the thread that started it.
-fn node_command(python: &Path, env: &[(String, String)], token: &str) -> Command {
-    let mut command = Command::new(python);
+fn node_command(mut command: Command, env: &[(String, String)], token: &str) -> Command {
     command
         .env("RAY_USAGE_STATS_ENABLED", "0")
         .env("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,0 +1,103 @@
+//! A node that shares nothing with the program but the network (a mount namespace of its own,
+//! where the program's checkout, build directory, `/tmp` and `/dev/shm` are empty): flows run
+//! there, values pass to and from it, and a program that is not shipped fails there clearly.
+
+mod support;
+
+use std::path::Path;
+
+use prefect::{TaskError, flow, task};
+use prefect_ray::RayTaskRunner;
+use prefect_ray::testing::LocalCluster;
+use serde_bytes::ByteBuf;
+
+/// Where a run on the isolated node finds itself: its node, its executable, and whether it
+/// can see the program's own files.
+#[task(resources = {"isolated": 1})]
+fn look_around(program: String, checkout: String) -> (String, String, bool, bool) {
+    (
+        std::env::var("NODE_NAME").unwrap_or_default(),
+        std::env::current_exe().unwrap().display().to_string(),
+        Path::new(&program).exists(),
+        Path::new(&checkout).join("Cargo.lock").exists(),
+    )
+}
+
+/// 2 MiB made on the isolated node: too large for the run's report, so it lives in that
+/// node's object store.
+#[task(resources = {"isolated": 1})]
+fn made_there(byte: u8) -> ByteBuf {
+    ByteBuf::from(vec![byte; 2 << 20])
+}
+
+/// Made on the head (it has no `isolated` resource).
+#[task(resources = {"head": 1})]
+fn made_here(byte: u8) -> ByteBuf {
+    ByteBuf::from(vec![byte; 2 << 20])
+}
+
+#[task(resources = {"head": 1})]
+fn sum_here(data: ByteBuf) -> u64 {
+    data.iter().map(|&b| u64::from(b)).sum()
+}
+
+#[task(resources = {"isolated": 1})]
+fn sum_there(data: ByteBuf) -> u64 {
+    data.iter().map(|&b| u64::from(b)).sum()
+}
+
+#[test]
+fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
+    let cluster = LocalCluster::builder()
+        .num_cpus(1)
+        .head_env("NODE_NAME", "head")
+        .head_resources([("head", 1.0)])
+        .isolated_node(1, [("isolated", 1.0)], [("NODE_NAME", "isolated")])
+        .start()
+        .expect("a cluster with an isolated node starts");
+    let program = std::env::current_exe().unwrap().display().to_string();
+    let checkout = env!("CARGO_MANIFEST_DIR").to_owned();
+
+    #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token))]
+    fn everywhere(
+        address: &str,
+        token: &str,
+        program: String,
+        checkout: String,
+    ) -> ((String, String, bool, bool), [u64; 3]) {
+        let seen = look_around.submit(program, checkout).result().unwrap();
+        let there = made_there.submit(3);
+        let here = made_here.submit(5);
+        let sums = [
+            sum_here.submit(&there).result().unwrap(),
+            sum_there.submit(&here).result().unwrap(),
+            there.result().unwrap().iter().map(|&b| u64::from(b)).sum(),
+        ];
+        (seen, sums)
+    }
+    let ((node, executable, sees_program, sees_checkout), sums) =
+        everywhere(cluster.gcs_address(), cluster.auth_token(), program.clone(), checkout.clone()).unwrap();
+    assert_eq!(node, "isolated");
+    assert!(!sees_program, "the node does not see {program}");
+    assert!(!sees_checkout, "the node does not see the checkout {checkout}");
+    assert!(
+        executable.contains("/runtime_resources/py_modules_files/"),
+        "the program came with runtime_env: {executable}"
+    );
+    let size = 2u64 << 20;
+    assert_eq!(sums, [3 * size, 5 * size, 3 * size], "values passed from the node, to it, and back to the program");
+
+    // Not shipped, the program is not there: the run says so.
+    #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token).ship_executor(false))]
+    fn unshipped(address: &str, token: &str, program: String, checkout: String) -> TaskError {
+        prefect_ray::remote_options(prefect_ray::RemoteOptions::new().max_retries(0), || {
+            look_around.submit(program, checkout).result().unwrap_err()
+        })
+    }
+    let error = unshipped(cluster.gcs_address(), cluster.auth_token(), program.clone(), checkout).unwrap();
+    assert!(matches!(error, TaskError::Crashed { .. }), "{error:?}");
+    assert!(
+        error.message().contains(&format!("the program that runs the task is not on this node at {program}")),
+        "{error}"
+    );
+}
