@@ -37,7 +37,7 @@ except ImportError as missing:
     print(f"prefect-ray bridge: Ray is not installed for {sys.executable} ({missing})", file=sys.stderr, flush=True)
     sys.exit(EXIT_NO_RAY)
 
-from prefect_ray_worker import ExecutorCrashed, named, named_batch
+from prefect_ray_worker import Blob, ExecutorCrashed, files_of, named, named_batch, remove_files, to_shared_file
 from prefect_ray_worker.codec import encode_reply, read_frame
 from prefect_ray_worker.driver import (
     InvalidAddress,
@@ -50,6 +50,7 @@ from prefect_ray_worker.driver import (
 )
 from prefect_ray_worker.protocol import (
     BYE,
+    FILE_LIMIT,
     MAX_COMMAND,
     BatchDone,
     BridgeStats,
@@ -334,7 +335,7 @@ class Bridge:
         if isinstance(result, BaseException):
             self.writer.send(NoValue(request, self.failure(result)[1]))
         else:
-            self.writer.send(ValueReply(request, as_bytes(result)))
+            self.writer.send(ValueReply(request, value_part(result)))
 
     def release(self, command: Release) -> None:
         for key in command.keys:
@@ -372,6 +373,19 @@ class Bridge:
             Stats: self.stats,
         }
         handlers[type(command)](command)
+
+
+def value_part(blob: Any) -> bytes:
+    """A value for the program: small ones as they are, large ones through a shared-memory
+    file written straight from Ray's object store (the bridge never copies or decodes it),
+    or through the pipe when no file can be written."""
+    data = blob.view if isinstance(blob, Blob) else blob
+    if memoryview(data).nbytes > FILE_LIMIT:
+        try:
+            return to_shared_file(data)
+        except OSError as error:
+            LOG.warning("could not hand a value over in shared memory (%s); sending it through the pipe", error)
+    return as_bytes(blob)
 
 
 def as_bytes(blob: Any) -> bytes:
@@ -475,8 +489,9 @@ def main() -> int:
         writer.send(BYE)
         writer.close()
         # Everything the runner set up for this bridge goes with it, also when the runner
-        # died without a word (its stdin closed).
+        # died without a word (its stdin closed), and so do values it never took.
         shutil.rmtree(config.get("own_dir") or config.get("temp_dir") or "", ignore_errors=True)
+        remove_files(files_of(os.getpid()))
 
 
 if __name__ == "__main__":

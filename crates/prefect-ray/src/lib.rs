@@ -12,6 +12,7 @@ mod python;
 mod remote;
 mod report;
 mod runner;
+mod shared_memory;
 
 pub use error::RayError;
 pub use remote::{RemoteOptions, remote_options};

@@ -68,10 +68,21 @@ def _to_executor(dependency: Any, written: list[str]) -> Part:
     path goes to `written`)."""
     if not isinstance(dependency, Blob):
         return dependency  # type: ignore[no-any-return]
+    return to_shared_file(dependency.view, written)
+
+
+def to_shared_file(data: Part, written: list[str] | None = None) -> bytes:
+    """Writes `data` to a new shared-memory file of this process (named after its pid, so
+    whoever sees it die can remove what it left); returns the part that names the file,
+    which the reader maps and unlinks."""
     descriptor, path = tempfile.mkstemp(prefix=f"prefect-ray-{os.getpid()}-", dir=_SHARED)
-    written.append(path)
+    if written is not None:
+        written.append(path)
     try:
-        write_all(descriptor, dependency.view)
+        write_all(descriptor, data)
+    except BaseException:
+        os.unlink(path)
+        raise
     finally:
         os.close(descriptor)
     return bytes([IN_FILE]) + path.encode()

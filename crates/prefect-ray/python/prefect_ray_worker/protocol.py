@@ -34,6 +34,9 @@ COMPLETED = 0
 NOT_COMPLETED = 1
 #: The first byte of a blob kept in a shared-memory file; the rest is the file's path.
 IN_FILE = 2
+#: Values larger than this go between two processes of one machine through a shared-memory
+#: file rather than a pipe (the part is then IN_FILE and the file's path).
+FILE_LIMIT = 1 << 20
 #: The control word an executor ends a reply with when it must be restarted.
 RESTART = b"exit"
 #: The largest command the bridge reads (MessagePack's limit for one buffer).

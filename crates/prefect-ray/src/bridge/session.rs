@@ -29,6 +29,7 @@ use crate::protocol::{
     ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
 };
 use crate::report::{self, PendingRun};
+use crate::shared_memory::Blob;
 
 /// A remote function of the bridge: a task's options, and the function's number.
 type RemoteFunction = (Map<String, Value>, u32);
@@ -67,7 +68,7 @@ struct Dispatch {
 
 /// The bridge's answer to a request.
 enum Answer {
-    Value(Vec<u8>),
+    Value(Blob),
     Stats(BridgeStats),
 }
 
@@ -296,9 +297,9 @@ impl Shared {
     }
 
     /// Fetches a value blob.
-    fn fetch(&self, key: u64) -> Result<Vec<u8>, String> {
+    fn fetch(&self, key: u64) -> Result<Blob, String> {
         match self.request(|request| Command::Get(Get { request, key }))? {
-            Answer::Value(bytes) => Ok(bytes),
+            Answer::Value(blob) => Ok(blob),
             Answer::Stats(_) => Err("the Ray bridge answered out of turn".to_owned()),
         }
     }
@@ -428,7 +429,13 @@ impl Shared {
                     report::fail(pending, kind, message);
                 }
             }
-            Reply::Value(ValueReply { request, blob }) => self.answer(request, Ok(Answer::Value(blob.into_vec()))),
+            Reply::Value(ValueReply { request, blob }) => {
+                // A large value comes as the name of a shared-memory file, mapped here.
+                let answer = Blob::open(blob.into_vec())
+                    .map(Answer::Value)
+                    .map_err(|error| format!("could not map the value the Ray bridge handed over: {error}"));
+                self.answer(request, answer);
+            }
             Reply::ValueError(NoValue { request, message }) => self.answer(request, Err(message)),
             Reply::Stats(StatsReply { request, stats }) => self.answer(request, Ok(Answer::Stats(stats))),
             Reply::Log(record) => self.output.log(record),

@@ -6,10 +6,10 @@ use prefect::State;
 use prefect::runner::{self, LookupError, assemble, not_ready};
 
 use super::capture::Output;
-use super::shared_memory::{Blob, in_shared_file};
 use crate::protocol::envelope::{self, CallHeader, RunReport};
 use crate::protocol::frame::write_parts;
 use crate::protocol::{COMPLETED, MANY_RUNS, NOT_COMPLETED, ONE_RUN};
+use crate::shared_memory::{Blob, in_shared_file};
 
 /// A run's report, and its value as the completion byte and the MessagePack value (or, for
 /// a run that did not complete, the text of its final state).

@@ -7,12 +7,10 @@
 //! `tracing` events are recorded, and both travel back with the run's states.
 //!
 //! - [`call`]: running the runs of one call, and writing the reply;
-//! - [`shared_memory`]: large values through shared-memory files instead of the pipes;
 //! - [`capture`]: what a task writes, per run.
 
 mod call;
 mod capture;
-mod shared_memory;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, RawFd};
@@ -70,7 +68,7 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
             Ok(None) => std::process::exit(0),
             Err(error) => {
                 eprintln!("prefect-ray executor: the command pipe broke: {error}");
-                shared_memory::remove_own_files();
+                crate::shared_memory::remove_own_files();
                 std::process::exit(1);
             }
         };
@@ -79,7 +77,7 @@ fn serve(commands: RawFd, replies: RawFd) -> ! {
         let control: &[u8] = if restart { RESTART } else { b"" };
         if let Err(error) = call::reply(&mut replies, batch, &outcomes, control) {
             eprintln!("prefect-ray executor: the reply pipe broke: {error}");
-            shared_memory::remove_own_files();
+            crate::shared_memory::remove_own_files();
             std::process::exit(1);
         }
         // Unmapping a large input frees its shared memory, which takes a while: after the reply.

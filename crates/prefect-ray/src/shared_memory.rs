@@ -1,5 +1,6 @@
-//! Large values between an executor and its trampoline: written to a file in `/dev/shm`
-//! and mapped by the other side, instead of copied through the pipe (see PROTOCOL.md).
+//! Large values between processes of one machine (an executor and its trampoline, the
+//! bridge and the program): written to a file in `/dev/shm` and mapped by the other side,
+//! instead of copied through a pipe (see PROTOCOL.md).
 
 use std::fs::File;
 use std::io::Write;
@@ -7,7 +8,7 @@ use std::io::Write;
 use crate::protocol::{FILE_LIMIT, IN_FILE};
 
 /// A blob from the worker: in the frame, or, when large, mapped from a shared-memory file.
-pub(super) enum Blob {
+pub(crate) enum Blob {
     Inline(Vec<u8>),
     Mapped(memmap2::Mmap),
 }
@@ -25,7 +26,7 @@ impl std::ops::Deref for Blob {
 
 impl Blob {
     /// The blob of a frame's part: the part, or the file it names (which goes at once).
-    pub(super) fn open(part: Vec<u8>) -> std::io::Result<Blob> {
+    pub(crate) fn open(part: Vec<u8>) -> std::io::Result<Blob> {
         let Some(path) = part.strip_prefix(&[IN_FILE]) else { return Ok(Blob::Inline(part)) };
         let path = std::path::PathBuf::from(String::from_utf8_lossy(path).into_owned());
         let file = File::open(&path)?;
@@ -49,7 +50,7 @@ fn own_prefix() -> String {
 
 /// Removes every shared-memory file this process wrote that is still there: for an
 /// executor whose worker is gone, nobody will read them.
-pub(super) fn remove_own_files() {
+pub(crate) fn remove_own_files() {
     let prefix = own_prefix();
     let Ok(entries) = std::fs::read_dir(shared_dir()) else { return };
     for entry in entries.flatten() {
@@ -60,7 +61,7 @@ pub(super) fn remove_own_files() {
 }
 
 /// Writes a blob made of `slices` to a new shared-memory file; returns the part that names it.
-pub(super) fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = shared_dir().join(format!("{}{count}", own_prefix()));
@@ -75,7 +76,7 @@ pub(super) fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
 }
 
 /// A large value goes through a shared-memory file: returns the part that names it.
-pub(super) fn in_shared_file(tag: u8, body: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn in_shared_file(tag: u8, body: &[u8]) -> Option<Vec<u8>> {
     if body.len() <= FILE_LIMIT {
         return None;
     }
