@@ -37,7 +37,16 @@ except ImportError as missing:
     print(f"prefect-ray bridge: Ray is not installed for {sys.executable} ({missing})", file=sys.stderr, flush=True)
     sys.exit(EXIT_NO_RAY)
 
-from prefect_ray_worker import Blob, ExecutorCrashed, files_of, named, named_batch, remove_files, to_shared_file
+from prefect_ray_worker import (
+    Blob,
+    ExecutorCrashed,
+    files_of,
+    from_part,
+    named,
+    named_batch,
+    remove_files,
+    to_shared_file,
+)
 from prefect_ray_worker.codec import encode_reply, read_frame
 from prefect_ray_worker.driver import (
     InvalidAddress,
@@ -266,7 +275,9 @@ class Bridge:
             return
         try:
             dependencies = self.dependencies(command.value_keys, command.report_keys)
-            status_ref, value_ref = function.remote(command.call, *dependencies)
+            # A large call comes in a shared-memory file: Ray copies it into its object store
+            # from the mapping, and the bridge never decodes it.
+            status_ref, value_ref = function.remote(from_part(command.call), *dependencies)
         except Exception as error:
             self.writer.send(Failed(key, FailureKind.CRASHED, f"Ray did not accept the task: {error}"))
             return
@@ -290,7 +301,7 @@ class Bridge:
             return
         try:
             dependencies = [ref for run in command.dependencies for ref in self.dependencies(run.value_keys, run.report_keys)]
-            refs = function.options(num_returns=1 + len(keys)).remote(command.call, *dependencies)
+            refs = function.options(num_returns=1 + len(keys)).remote(from_part(command.call), *dependencies)
         except Exception as error:
             for key in keys:
                 self.writer.send(Failed(key, FailureKind.CRASHED, f"Ray did not accept the task: {error}"))

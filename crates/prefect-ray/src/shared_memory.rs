@@ -75,6 +75,11 @@ pub(crate) fn write_shared(slices: &[&[u8]]) -> std::io::Result<Vec<u8>> {
     Ok(reference)
 }
 
+/// The path a part made by [`write_shared`] names.
+pub(crate) fn path_of(part: &[u8]) -> std::path::PathBuf {
+    std::path::PathBuf::from(String::from_utf8_lossy(part.strip_prefix(&[IN_FILE]).unwrap_or(part)).into_owned())
+}
+
 /// A large value goes through a shared-memory file: returns the part that names it.
 pub(crate) fn in_shared_file(tag: u8, body: &[u8]) -> Option<Vec<u8>> {
     if body.len() <= FILE_LIMIT {

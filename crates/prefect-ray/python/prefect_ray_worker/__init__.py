@@ -52,8 +52,9 @@ class Blob:
 Part = Union[bytes, bytearray, memoryview]
 
 
-def _from_executor(part: Part) -> Part | Blob:
-    """A value part from the executor: the bytes, or a Blob mapped from the file it names."""
+def from_part(part: Part) -> Part | Blob:
+    """A part from another process of this machine (an executor, the program): the bytes,
+    or a Blob mapped from the shared-memory file it names, which goes at once."""
     if part[:1] != bytes([IN_FILE]):
         return part
     path = bytes(part[1:]).decode()
@@ -215,7 +216,7 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
         _executors[executor] = current
     written: list[str] = []
     try:
-        *reply, control = current.call([parts[0], *(_to_executor(part, written) for part in parts[1:])])
+        *reply, control = current.call([_to_executor(part, written) for part in parts])
     except (OSError, EOFError, struct.error) as error:
         _executors.pop(executor, None)
         code = current.close(kill=True)
@@ -241,20 +242,20 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
     return reply
 
 
-def run_task(executor: str, call: bytes, *dependencies: Any) -> tuple[Part, Part | Blob]:
+def run_task(executor: str, call: Part | Blob, *dependencies: Any) -> tuple[Part, Part | Blob]:
     """The body of a Ray task of one run; returns (report, value)."""
     report, value = _call(executor, [call, *dependencies])
-    return report, _from_executor(value)
+    return report, from_part(value)
 
 
-def run_batch(executor: str, call: bytes, *dependencies: Any) -> tuple[Part | Blob, ...]:
+def run_batch(executor: str, call: Part | Blob, *dependencies: Any) -> tuple[Part | Blob, ...]:
     """The body of a Ray task of several runs; returns (reports, value, value, ...)."""
     reports, *values = _call(executor, [call, *dependencies])
-    return (reports, *map(_from_executor, values))
+    return (reports, *map(from_part, values))
 
 
 def _named(body: Callable[..., Any], name: str, executor: str) -> Callable[..., Any]:
-    def task(call: bytes, *dependencies: Any) -> Any:
+    def task(call: Part | Blob, *dependencies: Any) -> Any:
         return body(executor, call, *dependencies)
 
     task.__name__ = name

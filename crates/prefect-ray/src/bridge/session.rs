@@ -25,11 +25,11 @@ use crate::error::RayError;
 use crate::protocol::envelope;
 use crate::protocol::frame::read_message;
 use crate::protocol::{
-    BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, Failed, Get, MANY_RUNS, NoValue,
-    ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
+    BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, FILE_LIMIT, Failed, Get,
+    MANY_RUNS, NoValue, ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
 };
 use crate::report::{self, PendingRun};
-use crate::shared_memory::Blob;
+use crate::shared_memory::{self, Blob};
 
 /// A remote function of the bridge: a task's options, and the function's number.
 type RemoteFunction = (Map<String, Value>, u32);
@@ -54,6 +54,9 @@ pub(crate) struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     output: Output,
     temp_dir: Mutex<Option<tempfile::TempDir>>,
+    /// Shared-memory files of large calls sent to the bridge, which unlinks each when it maps
+    /// it: what is left when the session ends was never taken.
+    handed_over: Mutex<Vec<std::path::PathBuf>>,
 }
 
 #[derive(Default)]
@@ -137,6 +140,7 @@ impl Shared {
             threads: Mutex::new(vec![launched.stderr.thread]),
             output: launched.stderr.output,
             temp_dir: Mutex::new(Some(launched.temp_dir)),
+            handed_over: Mutex::new(Vec::new()),
         });
         let reader_shared = Arc::downgrade(&shared);
         let reader = std::thread::Builder::new()
@@ -198,10 +202,8 @@ impl Shared {
     pub(crate) fn submit(self: &Arc<Self>, function: u32, call: Call) {
         let Call { pending, header, value_keys, report_keys } = call;
         let Some(key) = self.admit(vec![pending]).pop() else { return };
-        let mut blob = Vec::with_capacity(header.len() + 1);
-        blob.push(ONE_RUN);
-        blob.extend_from_slice(&header);
-        let submit = Submit { key, function, call: ByteBuf::from(blob), value_keys, report_keys };
+        let call = self.call_part(&[&[ONE_RUN], &header]);
+        let submit = Submit { key, function, call: ByteBuf::from(call), value_keys, report_keys };
         if let Err(message) = self.send(&Command::Submit(submit)) {
             self.fail_submitted(&[key], &message);
         }
@@ -226,10 +228,29 @@ impl Shared {
         if keys.is_empty() {
             return;
         }
-        let batch = SubmitBatch { keys: keys.clone(), function, call: ByteBuf::from(blob), dependencies };
+        let batch =
+            SubmitBatch { keys: keys.clone(), function, call: ByteBuf::from(self.call_part(&[&blob])), dependencies };
         if let Err(message) = self.send(&Command::SubmitBatch(batch)) {
             self.fail_submitted(&keys, &message);
         }
+    }
+
+    /// A call as the bridge takes it: in the command, or, when large, in a shared-memory file
+    /// that the bridge maps and hands to Ray without decoding it (or copying it first).
+    fn call_part(&self, slices: &[&[u8]]) -> Vec<u8> {
+        let size: usize = slices.iter().map(|slice| slice.len()).sum();
+        if size > FILE_LIMIT {
+            match shared_memory::write_shared(slices) {
+                Ok(part) => {
+                    let mut handed = lock(&self.handed_over);
+                    handed.retain(|path| path.exists());
+                    handed.push(shared_memory::path_of(&part));
+                    return part;
+                }
+                Err(error) => tracing::debug!(target: "prefect_ray", "a large call goes through the pipe: {error}"),
+            }
+        }
+        slices.concat()
     }
 
     /// Registers runs as submitted, once `max_in_flight` leaves room; returns their keys
@@ -382,6 +403,10 @@ impl Shared {
             }
         }
         lock(&self.temp_dir).take();
+        // Calls handed over in files that the bridge never took.
+        for path in std::mem::take(&mut *lock(&self.handed_over)) {
+            let _ = std::fs::remove_file(path);
+        }
         true
     }
 

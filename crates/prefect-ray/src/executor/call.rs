@@ -24,7 +24,12 @@ pub(super) fn run_call(mut parts: Vec<Vec<u8>>, output: &Output) -> (bool, Vec<O
     if parts.is_empty() {
         return (false, vec![crashed("the worker sent an empty call".into())], Vec::new());
     }
-    let call = parts.remove(0);
+    let call = match Blob::open(parts.remove(0)) {
+        Ok(call) => call,
+        Err(error) => {
+            return (false, vec![crashed(format!("could not read the call from shared memory: {error}"))], Vec::new());
+        }
+    };
     let dependencies = match parts.into_iter().map(Blob::open).collect::<std::io::Result<Vec<_>>>() {
         Ok(dependencies) => dependencies,
         Err(error) => {
