@@ -10,7 +10,6 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bridge::{Bridge, BridgeConfig, Call, RayObject, Shared};
-use crate::protocol::MAX_COMMAND;
 use crate::protocol::envelope::CallHeader;
 use crate::report::PendingRun;
 
@@ -247,12 +246,17 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
             }
         }
     }
+    let args: Vec<Arg> = spec.args.into_iter().map(|arg| replace_upstreams(arg, &replacements)).collect();
+    if let Err(message) = check_argument_sizes(&args) {
+        spec.run.finish(State::failed(message), None);
+        return None;
+    }
     let header = CallHeader {
         task_key: task.key.to_owned(),
         fingerprint: task.fingerprint.to_owned(),
         run_id: spec.run.id(),
         run_name: spec.run.name().to_owned(),
-        args: spec.args.into_iter().map(|arg| replace_upstreams(arg, &replacements)).collect(),
+        args,
         options: spec.options.clone(),
         upstreams: upstream_names,
         wait_for: wait_names,
@@ -264,10 +268,6 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
             return None;
         }
     };
-    if let Err(message) = check_call_size(header.len()) {
-        spec.run.finish(State::failed(message), None);
-        return None;
-    }
     let function = match shared.function(task.key, task.name, &spec.options.remote_options) {
         Ok(function) => function,
         Err(message) => {
@@ -279,22 +279,30 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
     Some((function, Call { pending: PendingRun { run: spec.run, dependencies }, header, value_keys, report_keys }))
 }
 
-/// Room for the command around a call: its key, its dependencies' keys, MessagePack's heads.
-const COMMAND_OVERHEAD: usize = 1 << 20;
+/// The most one argument can take: MessagePack's limit for one binary value (4 GiB - 1).
+const MAX_ARGUMENT: usize = u32::MAX as usize;
 
-/// A call too large for the bridge fails its run at once, instead of the bridge.
-fn check_call_size(bytes: usize) -> Result<(), String> {
-    let limit = MAX_COMMAND - COMMAND_OVERHEAD;
-    if bytes <= limit {
-        return Ok(());
+/// An argument too large to encode fails its run at once, saying so.
+fn check_argument_sizes(args: &[Arg]) -> Result<(), String> {
+    fn largest(arg: &Arg) -> usize {
+        match arg {
+            Arg::Value(bytes) => bytes.len(),
+            Arg::List(items) => items.iter().map(largest).max().unwrap_or(0),
+            Arg::Upstream(_) => 0,
+        }
     }
+    let bytes = args.iter().map(largest).max().unwrap_or(0);
+    if bytes <= MAX_ARGUMENT { Ok(()) } else { Err(argument_size_error(bytes)) }
+}
+
+fn argument_size_error(bytes: usize) -> String {
     let gib = |bytes: usize| bytes as f64 / f64::from(1u32 << 30);
-    Err(format!(
-        "the arguments of this run take {:.2} GiB, more than the {:.2} GiB a run can take from the program; \
+    format!(
+        "an argument of this run takes {:.2} GiB, more than the {:.2} GiB one argument can take; \
          create large data inside a task and pass its future to the tasks that need it",
         gib(bytes),
-        gib(limit)
-    ))
+        gib(MAX_ARGUMENT)
+    )
 }
 
 fn replace_upstreams(arg: Arg, replacements: &[Arg]) -> Arg {
@@ -310,10 +318,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_call_too_large_for_the_bridge_is_refused_with_its_size() {
-        assert!(check_call_size(1 << 30).is_ok());
-        let message = check_call_size(2_200_000_000).unwrap_err();
-        assert!(message.starts_with("the arguments of this run take 2.05 GiB, more than the 2.00 GiB"), "{message}");
-        assert!(message.ends_with("pass its future to the tasks that need it"), "{message}");
+    fn an_argument_too_large_to_encode_is_refused_with_its_size() {
+        // The message is tried on a size alone: 5 GiB are not allocated for it.
+        assert!(check_argument_sizes(&[Arg::Value(vec![0; 16]), Arg::Upstream(0)]).is_ok());
+        let error = argument_size_error(5 << 30);
+        assert!(error.starts_with("an argument of this run takes 5.00 GiB, more than the 4.00 GiB"), "{error}");
+        assert!(error.ends_with("pass its future to the tasks that need it"), "{error}");
     }
 }

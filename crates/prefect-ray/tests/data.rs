@@ -94,3 +94,28 @@ fn a_large_argument_from_the_program_reaches_its_task_whole_through_shared_memor
     assert!(bridge <= value * 2 + value / 4, "the bridge: +{} MB for a {} MB argument", bridge >> 20, value >> 20);
     assert!(driver <= value * 3 + value / 4, "this process: +{} MB for a {} MB argument", driver >> 20, value >> 20);
 }
+
+/// Over 2 GiB each way: from the program to a task, from task to task, and back. Needs about
+/// 16 GB of memory, so it runs on request:
+/// `cargo nextest run -p prefect-ray --test data --run-ignored only`.
+#[test]
+#[ignore = "needs about 16 GB of memory; run on request"]
+fn values_over_two_gib_pass_both_ways() {
+    const SIZE: usize = 2_300 * MEGABYTE;
+    let cluster = cluster();
+    #[task]
+    fn grow(data: ByteBuf) -> ByteBuf {
+        let mut data = data.into_vec();
+        data.push(9);
+        ByteBuf::from(data)
+    }
+    #[flow(task_runner = cluster.runner())]
+    fn both_ways(cluster: &Cluster) -> (usize, u64, usize) {
+        let there = grow.submit(ByteBuf::from(vec![1u8; SIZE]));
+        let summary = consume.submit(&there).result().unwrap();
+        let back = there.result().unwrap();
+        (summary.0, summary.1, back.len())
+    }
+    let (length, sum, back) = both_ways(&cluster).unwrap();
+    assert_eq!((length, sum, back), (SIZE + 1, SIZE as u64 + 9, SIZE + 1));
+}

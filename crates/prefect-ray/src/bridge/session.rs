@@ -22,6 +22,7 @@ use super::launch::kill_group;
 use super::outbox::Outbox;
 use super::output::Output;
 use crate::error::RayError;
+use crate::protocol::MAX_COMMAND;
 use crate::protocol::envelope;
 use crate::protocol::frame::read_message;
 use crate::protocol::{
@@ -202,7 +203,10 @@ impl Shared {
     pub(crate) fn submit(self: &Arc<Self>, function: u32, call: Call) {
         let Call { pending, header, value_keys, report_keys } = call;
         let Some(key) = self.admit(vec![pending]).pop() else { return };
-        let call = self.call_part(&[&[ONE_RUN], &header]);
+        let call = match self.call_part(&[&[ONE_RUN], &header]) {
+            Ok(call) => call,
+            Err(message) => return self.fail_submitted(&[key], &message),
+        };
         let submit = Submit { key, function, call: ByteBuf::from(call), value_keys, report_keys };
         if let Err(message) = self.send(&Command::Submit(submit)) {
             self.fail_submitted(&[key], &message);
@@ -228,16 +232,20 @@ impl Shared {
         if keys.is_empty() {
             return;
         }
-        let batch =
-            SubmitBatch { keys: keys.clone(), function, call: ByteBuf::from(self.call_part(&[&blob])), dependencies };
+        let call = match self.call_part(&[&blob]) {
+            Ok(call) => call,
+            Err(message) => return self.fail_submitted(&keys, &message),
+        };
+        let batch = SubmitBatch { keys: keys.clone(), function, call: ByteBuf::from(call), dependencies };
         if let Err(message) = self.send(&Command::SubmitBatch(batch)) {
             self.fail_submitted(&keys, &message);
         }
     }
 
     /// A call as the bridge takes it: in the command, or, when large, in a shared-memory file
-    /// that the bridge maps and hands to Ray without decoding it (or copying it first).
-    fn call_part(&self, slices: &[&[u8]]) -> Vec<u8> {
+    /// that the bridge maps and hands to Ray without decoding it (or copying it first). A
+    /// large call that no file can take and the pipe cannot either fails its runs.
+    fn call_part(&self, slices: &[&[u8]]) -> Result<Vec<u8>, String> {
         let size: usize = slices.iter().map(|slice| slice.len()).sum();
         if size > FILE_LIMIT {
             match shared_memory::write_shared(slices) {
@@ -245,12 +253,18 @@ impl Shared {
                     let mut handed = lock(&self.handed_over);
                     handed.retain(|path| path.exists());
                     handed.push(shared_memory::path_of(&part));
-                    return part;
+                    return Ok(part);
+                }
+                Err(error) if size > MAX_COMMAND - (1 << 20) => {
+                    return Err(format!(
+                        "could not hand this run's call ({} MB) to the Ray bridge in shared memory ({error}), and it is too large for the pipe; free space in /dev/shm",
+                        size >> 20
+                    ));
                 }
                 Err(error) => tracing::debug!(target: "prefect_ray", "a large call goes through the pipe: {error}"),
             }
         }
-        slices.concat()
+        Ok(slices.concat())
     }
 
     /// Registers runs as submitted, once `max_in_flight` leaves room; returns their keys
