@@ -454,17 +454,26 @@ fn the_cluster_outlives_the_flows_that_used_it() {
 }
 
 #[test]
-fn a_wrong_token_fails_within_seconds_with_a_clear_error_through_gcs_and_ray_client() {
+fn a_wrong_or_missing_token_fails_within_seconds_with_a_clear_error_through_gcs_and_ray_client() {
     let cluster = cluster();
-    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address).auth_token("not-the-token"))]
-    fn refused(address: &str) {}
-    for address in [&cluster.gcs_address, &cluster.client_address] {
+    #[flow(task_runner = match token {
+        Some(token) => prefect_ray::RayTaskRunner::new().address(address).auth_token(token),
+        None => prefect_ray::RayTaskRunner::new().address(address),
+    })]
+    fn refused(address: &str, token: Option<&str>) {}
+    let cases = [
+        (&cluster.gcs_address, Some("not-the-token")),
+        (&cluster.client_address, Some("not-the-token")),
+        (&cluster.gcs_address, None),
+        (&cluster.client_address, None),
+    ];
+    for (address, token) in cases {
         let started = std::time::Instant::now();
-        let error = refused(address).unwrap_err();
+        let error = refused(address, token).unwrap_err();
         let took = started.elapsed();
         assert!(
             matches!(error.runner_error::<prefect_ray::RayError>(), Some(prefect_ray::RayError::TokenRefused { .. })),
-            "{address}: {error:?}"
+            "{address} with {token:?}: {error:?}"
         );
         let error = error.to_string();
         assert!(error.contains("refused this driver's authentication token"), "{error}");

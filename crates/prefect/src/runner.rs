@@ -12,6 +12,10 @@
 //! ([`Arg`]), the upstream runs whose results fill argument slots, the runs to wait for, and
 //! the options (retries, timeout, remote options). There, [`lookup`] finds the task by its
 //! key, [`assemble`] builds its input, and [`execute`] runs it.
+//!
+//! A runner that starts processes of its own (a cluster, a driver) registers them with
+//! [`stop_on_interrupt`]: on Ctrl-C or SIGTERM the engine ends the live runs `Crashed` where
+//! they are observed while those processes stop, then the program exits.
 
 use std::sync::Arc;
 
