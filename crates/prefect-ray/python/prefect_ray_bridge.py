@@ -3,10 +3,9 @@
 Started by the Rust runner with its commands on stdin and its replies on stdout (see
 PROTOCOL.md in the prefect-ray crate). Its Python logging (its own and Ray's) goes to the
 runner as `log` replies; what bypasses logging goes to stderr, which the runner logs at
-DEBUG. One bridge is one Ray driver: it starts a
-temporary local instance or connects to an existing cluster, and shuts down (ending what it
-started) when the runner says so, when its stdin closes because the runner died, or on
-SIGTERM.
+DEBUG. One bridge is one Ray driver: it starts a temporary local instance or connects to an
+existing cluster, and shuts down (ending what it started) when the runner says so, when its
+stdin closes because the runner died, or on SIGTERM.
 """
 
 from __future__ import annotations
@@ -413,11 +412,11 @@ def fatal_for(error: BaseException) -> Fatal:
         return Fatal(FatalKind.UNREACHABLE, str(error), details)
     if isinstance(error, TokenRefused) or token_refused(error):
         return Fatal(FatalKind.TOKEN_REFUSED, "the cluster refused this driver's authentication token", details)
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return Fatal(FatalKind.INIT_FAILED, f"{type(error).__name__}: {lines[0] if lines else ''}", details)
+    return Fatal(FatalKind.INIT_FAILED, f"{type(error).__name__}: {one_line(error)}", details)
 
 
 def one_line(error: BaseException) -> str:
+    """The first line of an error's message that says something."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else "no details"
 

@@ -18,10 +18,13 @@
 //! - log lines of flow runs and task runs at INFO and above (see [`crate::logging`]).
 //!
 //! Reporting never fails or stalls a flow: requests go out from a background thread, in
-//! batches, retried with backoff. When the server cannot be reached, one warning is logged
-//! and reporting pauses; a flow waits for it at most a few seconds. At the end of each flow
-//! run, what was queued for it is delivered (waiting at most 15 s), so its final states are
-//! on the server when the flow call returns. See [`prefect_api::Reporter`] for the details.
+//! batches, retried with backoff. When the server cannot be reached, one warning is logged, a
+//! flow waits for it at most a few seconds, and what it reports meanwhile is kept (bounded)
+//! and delivered once the server is back. At the end of each flow run, what was queued for
+//! it is delivered (waiting at most 15 s), so its final states are on the server when the
+//! flow call returns. If the program is interrupted (Ctrl-C, SIGTERM) or exits while runs
+//! are live, they end `Crashed` on the server first. See [`prefect_api::Reporter`] for the
+//! details.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Once};
@@ -95,7 +98,7 @@ impl Reporting {
         self.server_flow_run_id(flow_run_id).map(|id| self.client().flow_run_url(id))
     }
 
-    /// Whether the server has not been found down (recently).
+    /// Whether the server answered the last request (or none was made yet).
     pub fn is_reachable(&self) -> bool {
         self.0.reporter.is_reachable()
     }
