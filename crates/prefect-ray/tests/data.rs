@@ -88,11 +88,11 @@ fn a_large_argument_from_the_program_reaches_its_task_whole_through_shared_memor
     let (driver, bridge) = (grew(before.0, after.0), grew(before.1, after.1));
     eprintln!("a {} MB argument: driver +{} MB, bridge +{} MB", value >> 20, driver >> 20, bridge >> 20);
     // The bridge maps the call from shared memory and Ray copies it from there into its
-    // object store: its resident memory counts the pages of both mappings, shared memory,
-    // but it reads, decodes or copies nothing into memory of its own (through the pipe, it
-    // held the command in its reader's buffer, then as bytes, then Ray's copy).
-    assert!(bridge <= value * 2 + value / 4, "the bridge: +{} MB for a {} MB argument", bridge >> 20, value >> 20);
-    assert!(driver <= value * 3 + value / 4, "this process: +{} MB for a {} MB argument", driver >> 20, value >> 20);
+    // object store: its resident memory counts the pages of both mappings (shared memory,
+    // 2x at most), but it decodes or copies nothing into memory of its own. Through the pipe
+    // it grew by 2.7x (its reader's buffer, the bytes, Ray's copy), and this process by 3x.
+    assert!(bridge <= value * 5 / 2, "the bridge: +{} MB for a {} MB argument", bridge >> 20, value >> 20);
+    assert!(driver <= value * 5 / 2, "this process: +{} MB for a {} MB argument", driver >> 20, value >> 20);
 }
 
 /// Over 2 GiB each way: from the program to a task, from task to task, and back. Needs about
