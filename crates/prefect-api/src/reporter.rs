@@ -415,8 +415,11 @@ impl Worker {
                         let mut runs = self.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
                         runs.finished.push_back(local);
                         while runs.finished.len() > REMEMBERED_RUNS {
-                            if let Some(old) = runs.finished.pop_front() {
-                                runs.ids.remove(&old);
+                            if let Some(old) = runs.finished.pop_front()
+                                && let Some(server) = runs.ids.remove(&old)
+                            {
+                                // The run's other name goes too.
+                                runs.ids.retain(|_, id| *id != server);
                             }
                         }
                     }
@@ -452,7 +455,10 @@ impl Worker {
             state: StateCreate::new("PENDING", "Pending"),
         };
         let server = self.call("/flow_runs/", false, |c| c.create_flow_run(&create)).ok()?;
-        self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).ids.insert(run.local_id, server);
+        let mut runs = self.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+        // Callers may go on naming the run by the server's id, once they know it.
+        runs.ids.insert(run.local_id, server);
+        runs.ids.insert(server, server);
         Some(server)
     }
 

@@ -98,7 +98,14 @@ pub enum Orchestration {
 /// Sees everything that happens to runs. Implementations must return quickly and never
 /// fail the run: queue the work, do it elsewhere.
 pub trait RunObserver: Send + Sync {
-    /// A flow run was created.
+    /// Creates the flow run where this observer keeps runs, if that place names runs itself
+    /// (a Prefect server chooses flow run ids), and returns its id there. The engine asks
+    /// before [`flow_run_created`](Self::flow_run_created) and uses the first id it gets as
+    /// the run's id, so the program and the server name the run alike.
+    fn create_flow_run(&self, _info: &FlowRunInfo) -> Option<Uuid> {
+        None
+    }
+    /// A flow run was created, with its final id.
     fn flow_run_created(&self, _info: &FlowRunInfo) {}
     /// The engine wants the flow run to enter `state`; the answer decides whether it does.
     fn propose_flow_run_state(&self, _info: &FlowRunInfo, _state: &State) -> Orchestration {
@@ -138,6 +145,17 @@ fn each(mut f: impl FnMut(&dyn RunObserver)) {
             f(observer.as_ref());
         }
     }
+}
+
+/// The id a flow run gets from the first observer that names runs itself, if any.
+pub(crate) fn create_flow_run(info: &FlowRunInfo) -> Option<Uuid> {
+    let mut id = None;
+    each(|o| {
+        if id.is_none() {
+            id = o.create_flow_run(info);
+        }
+    });
+    id
 }
 
 pub(crate) fn flow_run_created(info: &FlowRunInfo) {

@@ -86,9 +86,9 @@ impl Reporting {
         self.0.reporter.client()
     }
 
-    /// The server's id for a flow run: the server chooses its own ids, so it differs from
-    /// the run's id in this program ([`FlowRunInfo::id`]). `None` if the run was not
-    /// created on the server.
+    /// The server's id for a flow run. The server chooses flow run ids, and a run created
+    /// there takes that id in this program too ([`FlowRunInfo::id`]), so this returns the id
+    /// it is given; `None` if the run was not created on the server.
     pub fn server_flow_run_id(&self, flow_run_id: Uuid) -> Option<Uuid> {
         self.0.reporter.server_flow_run_id(flow_run_id)
     }
@@ -330,8 +330,7 @@ impl PrefectObserver {
 }
 
 impl RunObserver for PrefectObserver {
-    fn flow_run_created(&self, info: &FlowRunInfo) {
-        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(info.id, info.clone());
+    fn create_flow_run(&self, info: &FlowRunInfo) -> Option<Uuid> {
         let parent = info.parent.as_ref().map(|parent| {
             let task = &parent.task_run;
             let task_run = TaskRunCreate {
@@ -357,9 +356,13 @@ impl RunObserver for PrefectObserver {
             tags: Vec::new(),
             parent,
         };
-        if let Some(id) = self.reporter.create_flow_run(run, ORCHESTRATION_WAIT) {
-            tracing::info!(target: "prefect::reporting", "View at {}", self.reporter.client().flow_run_url(id));
-        }
+        let id = self.reporter.create_flow_run(run, ORCHESTRATION_WAIT)?;
+        tracing::info!(target: "prefect::reporting", "View at {}", self.reporter.client().flow_run_url(id));
+        Some(id)
+    }
+
+    fn flow_run_created(&self, info: &FlowRunInfo) {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(info.id, info.clone());
     }
 
     fn propose_flow_run_state(&self, info: &FlowRunInfo, state: &State) -> Orchestration {

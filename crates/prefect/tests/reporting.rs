@@ -487,3 +487,26 @@ fn a_program_that_exits_mid_flow_leaves_its_runs_crashed_on_the_server() {
     let states: Vec<_> = runs.iter().map(|run| run["state_type"].as_str().unwrap().to_owned()).collect();
     assert_eq!(states, vec!["CRASHED"; 3]);
 }
+
+#[test]
+fn a_flow_run_and_its_subflow_have_the_ids_the_server_knows_them_by() {
+    let server = server();
+    #[flow]
+    fn inner() -> Uuid {
+        prefect::runtime::flow_run().unwrap().id
+    }
+    #[flow]
+    fn outer() -> (Uuid, Uuid) {
+        (prefect::runtime::flow_run().unwrap().id, inner().unwrap())
+    }
+    let (parent, child) = outer().unwrap();
+    assert_eq!(server.flow_run_id(parent), parent, "the program's id is the server's");
+    assert_eq!(server.flow_run(parent)["id"], parent.to_string());
+    let child_run = server.flow_run(child);
+    assert_eq!(child_run["id"], child.to_string());
+    assert_eq!(child_run["state_type"], "COMPLETED");
+    // The subflow sits under the task run that stands for it in its parent.
+    let task_run: Value =
+        server.client.get(&format!("/task_runs/{}", child_run["parent_task_run_id"].as_str().unwrap())).unwrap();
+    assert_eq!(task_run["flow_run_id"], parent.to_string());
+}

@@ -183,7 +183,7 @@ impl FlowRun {
                 },
             })
         });
-        let info = FlowRunInfo {
+        let mut info = FlowRunInfo {
             id,
             name: name.clone(),
             flow_name: flow.name.to_owned(),
@@ -191,6 +191,11 @@ impl FlowRun {
             parent: parent_link,
             retries: options.retries,
         };
+        // With a Prefect server, the run's id is the one the server gave it.
+        if let Some(named) = observe::create_flow_run(&info) {
+            info.id = named;
+        }
+        let id = info.id;
         let span = match &parent {
             Some(parent) => {
                 tracing::info_span!(parent: &parent.span, "flow_run", name = %name, id = %id)
