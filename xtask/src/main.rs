@@ -4,6 +4,7 @@
 //! Ray and Prefect), so each works on a fresh clone.
 
 mod bench;
+mod downstream;
 mod prefect_server;
 mod python;
 
@@ -169,7 +170,7 @@ fn test(args: &[String]) -> Result {
         .and_then(|()| run(&mut doc_tests))
         .and_then(|()| prefect_server::ui_check(&root(), &services.prefect));
     drop(services);
-    outcome
+    outcome.and_then(|()| downstream::check(&root(), &ray_python))
 }
 
 /// Lints, type checks and unit tests of the Python side (the bridge and the worker
