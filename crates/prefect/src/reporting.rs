@@ -428,6 +428,10 @@ impl RunObserver for PrefectObserver {
         }
         let flows: Vec<FlowRunInfo> =
             self.flows.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, info)| info).collect();
+        if tasks.is_empty() && flows.is_empty() {
+            // Nothing was live (the usual end of a program): nothing to wait for.
+            return;
+        }
         // Children before their parents: the deepest first.
         let mut order: Vec<(usize, &FlowRunInfo)> = flows.iter().map(|info| (depth(info, &flows), info)).collect();
         order.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
