@@ -61,8 +61,9 @@ fn hidden_dirs() -> Vec<PathBuf> {
     let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
     for start in starts.into_iter().flatten() {
         let checkout = start.ancestors().find(|dir| dir.join("Cargo.lock").exists() || dir.join(".git").exists());
+        // A checkout under /tmp is hidden with it (and gone from the namespace once /tmp is).
         if let Some(checkout) = checkout.and_then(|dir| dir.canonicalize().ok())
-            && !dirs.contains(&checkout)
+            && !dirs.iter().any(|hidden| checkout.starts_with(hidden))
         {
             dirs.push(checkout);
         }
