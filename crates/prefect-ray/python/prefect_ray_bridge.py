@@ -51,6 +51,7 @@ from prefect_ray_worker.driver import (
     InvalidAddress,
     TokenRefused,
     Unreachable,
+    VersionMismatch,
     classify,
     probe,
     route_logs,
@@ -410,6 +411,8 @@ def fatal_for(error: BaseException) -> Fatal:
         return Fatal(FatalKind.INVALID_ADDRESS, str(error), details)
     if isinstance(error, Unreachable):
         return Fatal(FatalKind.UNREACHABLE, str(error), details)
+    if isinstance(error, VersionMismatch):
+        return Fatal(FatalKind.VERSION_MISMATCH, str(error), details)
     if isinstance(error, TokenRefused) or token_refused(error):
         return Fatal(FatalKind.TOKEN_REFUSED, "the cluster refused this driver's authentication token", details)
     return Fatal(FatalKind.INIT_FAILED, f"{type(error).__name__}: {one_line(error)}", details)

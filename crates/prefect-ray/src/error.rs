@@ -73,6 +73,14 @@ pub enum RayError {
         /// The address.
         address: String,
     },
+    /// The cluster runs another Ray or Python than this program's bridge.
+    #[error("could not connect to Ray ({address}): {message}")]
+    VersionMismatch {
+        /// The address.
+        address: String,
+        /// Both versions, and what to do.
+        message: String,
+    },
     /// Ray did not answer within the connection deadline.
     #[error(
         "could not connect to Ray ({target}): Ray did not answer within {} s; check that the cluster is running and reachable, or raise .connect_timeout(...)",

@@ -484,6 +484,42 @@ fn a_wrong_or_missing_token_fails_within_seconds_with_a_clear_error_through_gcs_
 }
 
 #[test]
+fn a_cluster_of_another_ray_version_is_refused_within_seconds_naming_both_versions() {
+    // A throwaway cluster that says, where Ray keeps it, that it runs another Ray.
+    let cluster = prefect_ray::testing::LocalCluster::builder().num_cpus(1).start().expect("a cluster starts");
+    let python = std::env::var("PREFECT_RAY_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python").to_owned());
+    let rewrite = r#"
+import json, sys
+from ray._private.grpc_utils import init_grpc_channel
+from ray.core.generated import gcs_service_pb2 as pb, gcs_service_pb2_grpc as rpc
+stub = rpc.InternalKVGcsServiceStub(init_grpc_channel(sys.argv[1]))
+value = json.dumps({"ray_version": "2.59.0", "python_version": "3.9.18"}).encode()
+stub.InternalKVPut(pb.InternalKVPutRequest(namespace=b"cluster", key=b"CLUSTER_METADATA", value=value, overwrite=True), timeout=10)
+"#;
+    let status = std::process::Command::new(python)
+        .args(["-c", rewrite, cluster.gcs_address()])
+        .env("RAY_AUTH_MODE", "token")
+        .env("RAY_AUTH_TOKEN", cluster.auth_token())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the cluster's metadata was rewritten");
+    #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address).auth_token(token))]
+    fn elsewhere(address: &str, token: &str) {}
+    let started = std::time::Instant::now();
+    let error = elsewhere(cluster.gcs_address(), cluster.auth_token()).unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(error.runner_error::<prefect_ray::RayError>(), Some(prefect_ray::RayError::VersionMismatch { .. })),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("the cluster runs Ray 2.59.0 on Python 3.9.18"), "{message}");
+    assert!(message.contains("this program's Python has Ray 2.60.0"), "{message}");
+    assert!(took < Duration::from_secs(10), "refused after {took:?}");
+}
+
+#[test]
 fn bad_or_dead_addresses_fail_within_seconds_and_say_why() {
     #[flow(task_runner = prefect_ray::RayTaskRunner::new().address(address))]
     fn connect(address: &str) {}

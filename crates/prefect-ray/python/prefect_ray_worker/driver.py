@@ -26,6 +26,28 @@ class TokenRefused(Exception):
     """The cluster refused this driver's authentication token."""
 
 
+class VersionMismatch(Exception):
+    """The cluster runs another Ray or Python than this driver."""
+
+
+def version_mismatch(cluster: Mapping[str, Any], ray_version: str, python_version: str, match_level: str = "patch") -> str | None:
+    """Why a driver with these versions cannot use a cluster whose metadata (as Ray keeps it
+    in the GCS: ``ray_version``, ``python_version``) is `cluster`, or ``None`` if it can. The
+    rule is Ray's own: the same Ray, and the same Python up to `match_level` ("minor" or
+    "patch", Ray's RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL)."""
+    theirs_ray, theirs_python = str(cluster.get("ray_version", "")), str(cluster.get("python_version", ""))
+    if not theirs_ray or not theirs_python:
+        return None
+    depth = 2 if match_level == "minor" else 3
+    if theirs_ray == ray_version and theirs_python.split(".")[:depth] == python_version.split(".")[:depth]:
+        return None
+    return (
+        f"the cluster runs Ray {theirs_ray} on Python {theirs_python}, and this program's Python has Ray "
+        f"{ray_version} on Python {python_version}; run the program with the cluster's versions "
+        "(PREFECT_RAY_PYTHON can name a Python that has them)"
+    )
+
+
 def probe_target(address: str) -> tuple[str, int] | None:
     """The host and port to probe for `address` (``ray://host:port`` or ``host:port``), or
     ``None`` for addresses Ray resolves itself (``auto``, ``local``, a bare name).

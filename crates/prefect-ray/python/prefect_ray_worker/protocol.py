@@ -164,6 +164,7 @@ class FatalKind(str, enum.Enum):
     INVALID_ADDRESS = "invalid_address"
     UNREACHABLE = "unreachable"
     TOKEN_REFUSED = "token_refused"
+    VERSION_MISMATCH = "version_mismatch"
     INIT_FAILED = "init_failed"
 
 

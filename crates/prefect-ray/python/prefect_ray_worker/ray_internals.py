@@ -3,11 +3,14 @@ Ray release changes one of these, this is the file to change."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .driver import TokenRefused, Unreachable
+from .driver import TokenRefused, Unreachable, VersionMismatch, version_mismatch
 
 
 def when_ready(ref: Any, callback: Callable[[Any], None]) -> None:
@@ -38,6 +41,7 @@ def check_gcs(address: str, wait: float) -> None:
         while True:
             try:
                 stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=max(1.0, wait))
+                check_versions(channel, wait)
                 return
             except grpc.RpcError as error:
                 code = error.code()
@@ -86,3 +90,26 @@ def check_client(address: str, wait: float) -> None:
                 time.sleep(0.25)
     finally:
         channel.close()
+
+
+def check_versions(channel: Any, wait: float) -> None:
+    """Compares the Ray and Python versions the cluster keeps in its GCS (the metadata
+    `ray.init` itself checks) with this driver's, and raises `VersionMismatch` naming both:
+    `ray.init` says only that they differ, after connecting.
+
+    Uses the GCS's internal key-value store (`InternalKVGet`, namespace "cluster", key
+    "CLUSTER_METADATA"), which Ray writes when the head starts."""
+    import ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    stub = gcs_service_pb2_grpc.InternalKVGcsServiceStub(channel)
+    request = gcs_service_pb2.InternalKVGetRequest(namespace=b"cluster", key=b"CLUSTER_METADATA")
+    answer = stub.InternalKVGet(request, timeout=max(1.0, wait))
+    try:
+        metadata = json.loads(answer.value or b"{}")
+    except ValueError:
+        return
+    level = os.environ.get("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "patch")
+    mismatch = version_mismatch(metadata, ray.__version__, platform.python_version(), level)
+    if mismatch:
+        raise VersionMismatch(mismatch)

@@ -110,3 +110,16 @@ def test_a_gcs_address_where_nothing_listens_is_unreachable_within_the_wait() ->
     with pytest.raises(Unreachable, match=f"nothing answers at 127.0.0.1:{port}"):
         check_gcs(f"127.0.0.1:{port}", wait=0.5)
     assert time.monotonic() - started < 3
+
+
+def test_versions_match_as_ray_matches_them() -> None:
+    from prefect_ray_worker.driver import version_mismatch
+
+    cluster = {"ray_version": "2.60.0", "python_version": "3.11.7"}
+    assert version_mismatch(cluster, "2.60.0", "3.11.7") is None
+    assert version_mismatch(cluster, "2.60.0", "3.11.9", "minor") is None
+    patch = version_mismatch(cluster, "2.60.0", "3.11.9")
+    assert patch is not None and patch.startswith("the cluster runs Ray 2.60.0 on Python 3.11.7, and this program's")
+    ray_differs = version_mismatch(cluster, "2.59.0", "3.11.7", "minor")
+    assert ray_differs is not None and "has Ray 2.59.0 on Python 3.11.7" in ray_differs
+    assert version_mismatch({}, "2.60.0", "3.11.7") is None, "a cluster without metadata is not judged"

@@ -93,6 +93,7 @@ fn fatal_error(fatal: Fatal, target: String) -> RayError {
         FatalKind::InvalidAddress => RayError::InvalidAddress { address: target, reason: message },
         FatalKind::Unreachable => RayError::Unreachable { address: target, message },
         FatalKind::TokenRefused => RayError::TokenRefused { address: target },
+        FatalKind::VersionMismatch => RayError::VersionMismatch { address: target, message },
         FatalKind::InitFailed => RayError::Connect { target, message },
     }
 }

@@ -230,6 +230,8 @@ pub(crate) enum FatalKind {
     Unreachable,
     /// The cluster refused the token.
     TokenRefused,
+    /// The cluster runs another Ray or Python.
+    VersionMismatch,
     /// `ray.init` failed otherwise.
     InitFailed,
 }
