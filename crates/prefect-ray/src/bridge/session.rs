@@ -168,7 +168,17 @@ impl Shared {
                 }
                 rmp_serde::encode::write(frames, command).map_err(std::io::Error::other)
             })
-            .map_err(|e| format!("could not reach the Ray bridge: {e}{}", self.last_words()))
+            .map_err(|error| {
+                // The pipe breaks when the bridge is gone: say why, as the reader thread will.
+                tracing::debug!(target: "prefect_ray", "could not reach the Ray bridge: {error}");
+                self.death()
+            })
+    }
+
+    /// Why the bridge is gone: how it exited, and what it said last.
+    fn death(&self) -> String {
+        let status = self.exit_status(Duration::from_secs(2));
+        format!("the Ray bridge process exited unexpectedly ({}){}", describe(status), self.last_words())
     }
 
     /// Why the bridge stopped, as far as it said: " (cause)", or nothing.
@@ -525,12 +535,7 @@ fn read_replies(mut replies: BufReader<ChildStdout>, shared: Weak<Shared>) {
                 // A bridge stopped on purpose has its runs ended by whoever stopped it (or,
                 // on a signal, left as they are while the process goes).
                 if shared.is_alive() {
-                    let status = shared.exit_status(Duration::from_secs(2));
-                    let reason = format!(
-                        "the Ray bridge process exited unexpectedly ({}){}",
-                        describe(status),
-                        shared.last_words()
-                    );
+                    let reason = shared.death();
                     tracing::error!(target: "prefect_ray", "{reason}");
                     shared.fail_everything(&reason);
                     // What it started (a temporary instance's processes) and its files go
