@@ -272,7 +272,7 @@ impl LocalClusterBuilder {
         } else {
             head.push("--include-dashboard=false".to_owned());
         }
-        let mut command = node_command(Command::new(&python), &self.head_env, &cluster.auth_token);
+        let mut command = node_command(Command::new(&python), &self.head_env, &cluster.auth_token, cluster.dir());
         command.args(["-c", RAY_CLI]).args(&head);
         cluster.nodes.push(start_node(command, "Ray runtime started", &python)?);
         // The Ray Client server comes up a moment after the node says it has started.
@@ -283,7 +283,7 @@ impl LocalClusterBuilder {
             } else {
                 (Command::new(&python), cluster.dir().to_path_buf())
             };
-            let mut command = node_command(program, &spec.env, &cluster.auth_token);
+            let mut command = node_command(program, &spec.env, &cluster.auth_token, &temp_dir);
             command.args(["-c", WORKER_NODE]).args([
                 cluster.gcs_address.clone(),
                 spec.num_cpus.to_string(),
@@ -319,8 +319,11 @@ signal.pause()
 
 /// A Python command for a node: loopback only, token authentication on, no fixed ports,
 /// in a process group of its own that dies with the thread that started it.
-fn node_command(mut command: Command, env: &[(String, String)], token: &str) -> Command {
+fn node_command(mut command: Command, env: &[(String, String)], token: &str, temp_dir: &Path) -> Command {
     command
+        // Python's own temporary files (the dashboard's multiprocessing sockets, say) go with
+        // the cluster's directory, which is removed when the cluster is dropped.
+        .env("TMPDIR", temp_dir)
         .env("RAY_USAGE_STATS_ENABLED", "0")
         .env("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         .env("AUTOSCALER_METRIC_PORT", "0")
