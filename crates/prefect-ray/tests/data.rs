@@ -27,13 +27,14 @@ fn consume(data: ByteBuf) -> (usize, u64) {
 /// before and after the value passed and after `.result()`, the value's size.
 type Measured = ((usize, u64), (u64, u64), (u64, u64), (u64, u64), usize);
 
+/// Peak memory of this process and of its Ray driver (the bridge), in bytes.
+fn peaks() -> (u64, u64) {
+    (peak_rss_bytes(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
+}
+
 #[test]
 fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
     let cluster = cluster();
-    /// Peak memory of this process and of its Ray driver (the bridge), in bytes.
-    fn peaks() -> (u64, u64) {
-        (peak_rss_bytes(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
-    }
     #[flow(task_runner = cluster.runner())]
     fn pipeline(cluster: &Cluster) -> Measured {
         let before = peaks();
@@ -71,10 +72,6 @@ fn a_large_value_goes_from_task_to_task_without_passing_through_the_driver() {
 #[test]
 fn a_large_argument_from_the_program_reaches_its_task_whole_through_shared_memory() {
     let cluster = cluster();
-    /// Peak memory of this process and of its Ray driver (the bridge), in bytes.
-    fn peaks() -> (u64, u64) {
-        (peak_rss_bytes(), prefect_ray::diagnostics::bridge_stats().unwrap().peak_rss_bytes)
-    }
     #[flow(task_runner = cluster.runner())]
     fn handed(cluster: &Cluster) -> ((usize, u64), (u64, u64), (u64, u64)) {
         let before = peaks();

@@ -22,37 +22,47 @@ def when_ready(ref: Any, callback: Callable[[Any], None]) -> None:
     ref._on_completed(callback)
 
 
+def _until_answered(call: Callable[[], Any], address: str, wait: float) -> Exception | None:
+    """Makes a gRPC `call` until the server answers it; returns ``None`` then. A refused
+    token raises `TokenRefused` at once; while nothing answers (a cluster that is still
+    starting) it tries again for up to `wait` seconds. Returns the last error otherwise."""
+    import grpc
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            call()
+            return None
+        except grpc.RpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise TokenRefused(address) from None
+            if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                return error
+            time.sleep(0.25)
+
+
 def check_gcs(address: str, wait: float) -> None:
     """Asks the GCS at `address` for the cluster's id, with this driver's token, before
     `ray.init` does: `ray.init` answers a refused token with a bare ConnectionError after
-    20 s, and a closed port after minutes. Tries again for up to `wait` seconds while
-    nothing answers, for a cluster that is still starting.
+    20 s, and a closed port after minutes. Then compares versions (`check_versions`).
 
     Uses `ray._private.grpc_utils.init_grpc_channel`, the channel Ray's own clients use
     (it adds the token the way the cluster expects it), and the generated GCS stubs."""
-    import grpc
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    deadline = time.monotonic() + wait
     channel = init_grpc_channel(address)
     try:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-        while True:
-            try:
-                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=max(1.0, wait))
-                check_versions(channel, wait)
-                return
-            except grpc.RpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise TokenRefused(address) from None
-                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    details = error.details()
-                    raise Unreachable(
-                        f"nothing answers at {address} ({details}); check that the cluster is running and the address is right"
-                    ) from None
-                time.sleep(0.25)
+        request = gcs_service_pb2.GetClusterIdRequest()
+        error = _until_answered(lambda: stub.GetClusterId(request, timeout=max(1.0, wait)), address, wait)
+        if error is not None:
+            details = error.details()  # type: ignore[attr-defined]
+            raise Unreachable(
+                f"nothing answers at {address} ({details}); check that the cluster is running and the address is right"
+            )
+        check_versions(channel, wait)
     finally:
         channel.close()
 
@@ -60,34 +70,19 @@ def check_gcs(address: str, wait: float) -> None:
 def check_client(address: str, wait: float) -> None:
     """Pings the Ray Client server at `address` (``ray://host:port``) with this driver's
     token, before `ray.init` does: Ray Client takes a refused token for a server that is not
-    up yet and retries for 90 s, then says only that the connection timed out.
+    up yet and retries for 90 s, then says only that the connection timed out. Any other
+    answer is not ours to judge (a proxy, say): Ray Client's own attempt says more.
 
     Uses `init_grpc_channel` (as `check_gcs`) and Ray Client's generated stubs, with the
     ping Ray Client itself sends (`ClusterInfo` of type PING)."""
-    import grpc
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
 
-    target = address[len("ray://") :]
-    deadline = time.monotonic() + wait
-    channel = init_grpc_channel(target)
+    channel = init_grpc_channel(address[len("ray://") :])
     try:
         stub = ray_client_pb2_grpc.RayletDriverStub(channel)
-        while True:
-            try:
-                stub.ClusterInfo(
-                    ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=max(1.0, wait)
-                )
-                return
-            except grpc.RpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise TokenRefused(address) from None
-                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    # Not ours to judge (a proxy, a server that answers otherwise): Ray
-                    # Client's own connection attempt says more.
-                    return
-                time.sleep(0.25)
+        ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+        _until_answered(lambda: stub.ClusterInfo(ping, timeout=max(1.0, wait)), address, wait)
     finally:
         channel.close()
 
