@@ -38,7 +38,8 @@ def _until_answered(call: Callable[[], Any], address: str, wait: float) -> Excep
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise TokenRefused(address) from None
             if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                return error
+                failure: Exception = error
+                return failure
             time.sleep(0.25)
 
 
