@@ -173,7 +173,24 @@ impl Client {
         self.post("/logs/", &logs).map(drop)
     }
 
+    /// One request, repeated up to [`BUSY_RETRIES`] times while the server says it is busy
+    /// (429, 502, 503: a SQLite database locked by another writer answers 503), as Prefect's
+    /// own client does.
     fn request(&self, method: &str, path: &str, body: Option<String>) -> Result<Value, ApiError> {
+        let mut attempt = 0;
+        loop {
+            match self.request_once(method, path, body.clone()) {
+                Err(ApiError::Status { status: 429 | 502 | 503, retry_after, .. }) if attempt < BUSY_RETRIES => {
+                    attempt += 1;
+                    let backoff = Duration::from_millis(200 << attempt);
+                    std::thread::sleep(retry_after.unwrap_or(backoff).min(Duration::from_secs(5)));
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    fn request_once(&self, method: &str, path: &str, body: Option<String>) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.api_url);
         let unreachable = |error: ureq::Error| ApiError::Unreachable { url: url.clone(), message: error.to_string() };
         let response = match body {
@@ -214,6 +231,9 @@ impl Client {
     }
 }
 
+/// How often a request is repeated while the server answers that it is busy.
+const BUSY_RETRIES: u32 = 3;
+
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -224,7 +244,7 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-fn id_of(path: &str, answer: &Value) -> Result<Uuid, ApiError> {
+pub(crate) fn id_of(path: &str, answer: &Value) -> Result<Uuid, ApiError> {
     answer["id"]
         .as_str()
         .and_then(|id| id.parse().ok())

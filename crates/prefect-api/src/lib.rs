@@ -27,6 +27,7 @@
 
 mod backlog;
 mod client;
+mod deployment;
 mod error;
 mod model;
 mod reporter;
@@ -34,6 +35,7 @@ mod reporter;
 pub mod testing;
 
 pub use client::Client;
+pub use deployment::{DeploymentCreate, FINAL_STATE_TYPES, FlowRunRead, Schedule, ScheduleCreate, TaskRunRead};
 pub use error::ApiError;
 pub use model::{
     Event, FlowRunCreate, FlowRunPolicy, LogCreate, Orchestration, StateCreate, StateRead, TaskRunCreate, task_inputs,

@@ -240,6 +240,12 @@ impl Reporter {
         self.ask(|reply| Job::CreateFlowRun(Box::new(run), reply), wait).flatten()
     }
 
+    /// Reports for a flow run that exists on the server already (a deployment's run, created
+    /// by the server): work for `server_id` is sent to it from now on.
+    pub fn adopt_flow_run(&self, server_id: Uuid) {
+        self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).ids.insert(server_id, server_id);
+    }
+
     /// Proposes a state for a flow run, after everything queued before it has been sent,
     /// and returns the server's decision; `None` if the server is down, does not know the
     /// run, or did not answer within `wait` (the caller goes on as if it had accepted).

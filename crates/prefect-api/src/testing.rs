@@ -270,7 +270,9 @@ impl Drop for TestServer {
     }
 }
 
-fn prefect_bin() -> PathBuf {
+/// The `prefect` command the test servers run: `PREFECT_TEST_SERVER_BIN`, or the one that
+/// `cargo xtask setup --prefect` installs. Tests also run its CLI (`prefect deployment run`).
+pub fn prefect_bin() -> PathBuf {
     match std::env::var_os(PREFECT_BIN_ENV) {
         Some(path) => PathBuf::from(path),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv-prefect/bin/prefect"),
