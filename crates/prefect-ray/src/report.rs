@@ -15,11 +15,15 @@ use crate::protocol::envelope::{self, OutputLine, Stream};
 pub(crate) struct PendingRun {
     pub(crate) run: TaskRunWriter,
     pub(crate) dependencies: Vec<TaskRun>,
+    /// Why the run was cancelled, once it was: however Ray then ends it (a worker killed
+    /// by `ray.cancel` can look like a crash), it ends `Cancelled` unless it completed.
+    pub(crate) cancelled: Option<String>,
 }
 
 /// Applies a run's report: replays its output under the run's name, then its states.
 pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {
     let run = pending.run;
+    let pending = Cancelled { cancelled: pending.cancelled };
     let (report, inline_value) = match envelope::decode_report(report) {
         Ok(decoded) => decoded,
         Err(error) => {
@@ -45,15 +49,23 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
         }
     }
     let mut states = report.states;
-    let Some(last) = states.pop() else {
+    let Some(mut last) = states.pop() else {
         run.crash("the executor reported no state");
         return;
     };
+    if let Some(reason) = pending.cancelled.filter(|_| !last.is_completed()) {
+        last = State::cancelled(reason);
+    }
     for state in states {
         run.set_state(state);
     }
     let value = if last.is_completed() { value } else { None };
     run.finish(last, value);
+}
+
+/// What [`apply`] keeps of a run once its writer is taken out.
+struct Cancelled {
+    cancelled: Option<String>,
 }
 
 /// Emits one line of a task's output as an event of its run, stamped with its first time.
@@ -102,6 +114,10 @@ pub(crate) fn fail(pending: PendingRun, kind: FailureKind, message: String) {
 fn decide(pending: PendingRun, kind: FailureKind, message: &str) {
     if let Some(upstream) = pending.dependencies.iter().find(|d| !d.state().is_completed()) {
         pending.run.finish(not_ready(upstream.name(), &upstream.state()), None);
+        return;
+    }
+    if let Some(reason) = pending.cancelled {
+        pending.run.finish(State::cancelled(reason), None);
         return;
     }
     let state = match kind {

@@ -198,9 +198,9 @@ impl TaskRunner for RayTaskRunner {
         self.bridge.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    fn cancel_pending(&self, _reason: &str) {
+    fn cancel_pending(&self, reason: &str) {
         if let Some(bridge) = self.bridge() {
-            bridge.shared().cancel_all();
+            bridge.shared().cancel_all(reason);
         }
     }
 }
@@ -276,7 +276,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
         }
     };
     let dependencies: Vec<TaskRun> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
-    Some((function, Call { pending: PendingRun { run: spec.run, dependencies }, header, value_keys, report_keys }))
+    Some((function, Call { pending: PendingRun { run: spec.run, dependencies, cancelled: None }, header, value_keys, report_keys }))
 }
 
 /// The most one argument can take: MessagePack's limit for one binary value (4 GiB - 1).

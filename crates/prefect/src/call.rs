@@ -98,6 +98,7 @@ impl<V> Task<V> {
             Ok(spec) => {
                 let run = spec.run.run().clone();
                 context.runner.submit(spec);
+                context.recheck_cancellation();
                 run
             }
             Err(run) => run,
@@ -127,6 +128,7 @@ impl<V> Task<V> {
         }
         // All at once, so a runner can send them together.
         context.runner.submit_many(specs);
+        context.recheck_cancellation();
         runs.into_iter().map(PrefectFuture::new).collect()
     }
 
@@ -200,6 +202,11 @@ impl<V> Task<V> {
             tracing::info!(target: "prefect::flow_run", "Created task run '{}' for task '{}'", writer.name(), definition.name);
         }
         context.tracker.track(writer.run());
+        if let Some(reason) = context.cancellation() {
+            let run = writer.run().clone();
+            writer.finish(State::cancelled(reason), None);
+            return Err(run);
+        }
         let refused = match (error, options.validate()) {
             (Some(error), _) => Some(format!("could not send the arguments of task '{}': {error}", definition.name)),
             (None, Err(error)) => Some(format!("invalid options for task '{}': {error}", definition.name)),

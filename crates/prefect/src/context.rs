@@ -25,12 +25,46 @@ pub(crate) struct FlowRunContext {
     pub(crate) runner_name: Arc<str>,
     pub(crate) tracker: Arc<RunTracker>,
     dynamic_keys: Mutex<HashMap<&'static str, u64>>,
+    /// Why the flow run was cancelled, once it is: its new task runs end `Cancelled`.
+    cancelled: OnceLock<String>,
 }
 
 impl FlowRunContext {
     pub(crate) fn new(info: Option<FlowRunInfo>, span: tracing::Span, runner: Arc<dyn TaskRunner>) -> Self {
         let runner_name = runner.name().into();
-        Self { info, span, runner, runner_name, tracker: Arc::default(), dynamic_keys: Mutex::default() }
+        Self {
+            info,
+            span,
+            runner,
+            runner_name,
+            tracker: Arc::default(),
+            dynamic_keys: Mutex::default(),
+            cancelled: OnceLock::new(),
+        }
+    }
+
+    /// Cancels the flow run: the runner ends its unfinished task runs `Cancelled` (stopping
+    /// running ones where it can), and runs submitted from now on end `Cancelled` at once.
+    /// Returns whether this call cancelled it (and not an earlier one).
+    pub(crate) fn cancel(&self, reason: &str) -> bool {
+        if self.cancelled.set(reason.to_owned()).is_err() {
+            return false;
+        }
+        self.runner.cancel_pending(reason);
+        true
+    }
+
+    /// After a submission: a run that passed the check just before the flow run was
+    /// cancelled reached the runner after its `cancel_pending`, so ask again.
+    pub(crate) fn recheck_cancellation(&self) {
+        if let Some(reason) = self.cancellation() {
+            self.runner.cancel_pending(reason);
+        }
+    }
+
+    /// Why the flow run was cancelled, if it was.
+    pub(crate) fn cancellation(&self) -> Option<&str> {
+        self.cancelled.get().map(String::as_str)
     }
 
     /// "0", "1", ...: which run of the task this is within the flow run.

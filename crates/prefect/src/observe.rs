@@ -105,6 +105,10 @@ pub trait RunObserver: Send + Sync {
     fn create_flow_run(&self, _info: &FlowRunInfo) -> Option<Uuid> {
         None
     }
+    /// The flow run exists already where this observer keeps runs, under `info.id`: a
+    /// deployment's run that a Prefect server created and a serving program started. Asked
+    /// instead of [`create_flow_run`](Self::create_flow_run).
+    fn adopt_flow_run(&self, _info: &FlowRunInfo) {}
     /// A flow run was created, with its final id.
     fn flow_run_created(&self, _info: &FlowRunInfo) {}
     /// The engine wants the flow run to enter `state`; the answer decides whether it does.
@@ -158,6 +162,10 @@ pub(crate) fn create_flow_run(info: &FlowRunInfo) -> Option<Uuid> {
     id
 }
 
+pub(crate) fn adopt_flow_run(info: &FlowRunInfo) {
+    each(|o| o.adopt_flow_run(info));
+}
+
 pub(crate) fn flow_run_created(info: &FlowRunInfo) {
     each(|o| o.flow_run_created(info));
 }
@@ -180,6 +188,20 @@ pub(crate) fn task_run_created(info: &TaskRunInfo, state: &State) {
 
 pub(crate) fn task_run_state(info: &TaskRunInfo, state: &State) {
     each(|o| o.task_run_state(info, state));
+}
+
+/// Cancels the flow run `id` of this process and its subflow runs, as a Prefect server's
+/// Cancel does: each stops submitting task runs, its runner cancels the unfinished ones
+/// (on Ray, `ray.cancel`, which ends their workers), and it ends `Cancelled` with `reason`
+/// as soon as its function returns. For an observer that learns of a cancellation
+/// elsewhere, or a program that cancels a run it started on another thread. Returns
+/// whether a run in progress had that id.
+///
+/// A flow function blocked in code of its own (not waiting for a task run) is not
+/// interrupted: Rust cannot stop a thread. Its run ends `Cancelled` when the function
+/// returns; a served run's process is ended by the serving program if it does not.
+pub fn cancel_flow_run(id: Uuid, reason: &str) -> bool {
+    crate::flow::cancel(id, reason)
 }
 
 /// Hands a log line to every observer.

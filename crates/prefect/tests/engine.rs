@@ -528,3 +528,41 @@ fn tasks_outside_flows_run_standalone() {
     assert_eq!(add(1, 2).unwrap(), 3);
     assert_eq!(add.submit(2, 2).result().unwrap(), 4);
 }
+
+#[test]
+fn a_cancelled_flow_run_stops_submitting_and_ends_cancelled_with_its_subflows() {
+    use std::sync::mpsc::{Receiver, Sender, channel};
+
+    #[flow]
+    fn inner(ids: Sender<Uuid>, go: Arc<Mutex<Receiver<()>>>) -> StateType {
+        ids.send(this_flow_run()).unwrap();
+        go.lock().unwrap().recv().unwrap();
+        add.submit(1, 2).state().state_type
+    }
+    #[flow]
+    fn outer(ids: Sender<Uuid>, go: Arc<Mutex<Receiver<()>>>) -> (StateType, Result<StateType, String>) {
+        ids.send(this_flow_run()).unwrap();
+        let before = add.submit(1, 1);
+        before.wait(None);
+        let subflow = inner(ids, go).map_err(|error| error.to_string());
+        let after = add.submit(2, 2);
+        after.wait(None);
+        (after.state().state_type, subflow)
+    }
+    recorder();
+    let (ids, id) = channel();
+    let (go, gate) = channel();
+    let flow = std::thread::spawn(move || outer(ids, Arc::new(Mutex::new(gate))));
+    let (outer_id, inner_id) = (id.recv().unwrap(), id.recv().unwrap());
+    assert!(prefect::observe::cancel_flow_run(outer_id, "stopped by the test"));
+    go.send(()).unwrap();
+    let error = flow.join().unwrap().unwrap_err();
+    assert!(matches!(&error, FlowError::Cancelled { message, .. } if message == "stopped by the test"), "{error}");
+    // The subflow was cancelled with its parent; runs submitted after that never ran.
+    let final_states = |flow_run| -> Vec<StateType> {
+        runs_in(flow_run).iter().map(|run| states_of(run.id).last().unwrap().state_type).collect()
+    };
+    assert_eq!(final_states(inner_id), [StateType::Cancelled]);
+    assert_eq!(final_states(outer_id), [StateType::Completed, StateType::Cancelled]);
+    assert!(!prefect::observe::cancel_flow_run(outer_id, "again"), "an ended run is not live");
+}

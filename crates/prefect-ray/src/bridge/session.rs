@@ -367,9 +367,18 @@ impl Shared {
         }
     }
 
-    /// Asks Ray to cancel every unfinished run.
-    pub(crate) fn cancel_all(&self) {
-        let keys: Vec<u64> = lock(&self.dispatch).runs.keys().copied().collect();
+    /// Asks Ray to cancel every unfinished run (once each); they end `Cancelled` with
+    /// `reason` unless they complete first.
+    pub(crate) fn cancel_all(&self, reason: &str) {
+        let keys: Vec<u64> = lock(&self.dispatch)
+            .runs
+            .iter_mut()
+            .filter(|(_, pending)| pending.cancelled.is_none())
+            .map(|(key, pending)| {
+                pending.cancelled = Some(reason.to_owned());
+                *key
+            })
+            .collect();
         for key in keys {
             let _ = self.send(&Command::Cancel(Cancel { key }));
         }

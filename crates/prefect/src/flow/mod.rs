@@ -21,6 +21,9 @@
 //! attempt runs, which [`attempt`] holds.
 
 mod attempt;
+mod live;
+
+pub(crate) use live::cancel;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -47,6 +50,18 @@ pub struct FlowDefinition {
     pub name: &'static str,
     /// The function's path: `module::path::function`.
     pub key: &'static str,
+}
+
+thread_local! {
+    /// The id and name of a flow run that exists already, for the next flow called on this
+    /// thread outside any flow: a served deployment's run.
+    static ADOPT: std::cell::RefCell<Option<(Uuid, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the next flow called on this thread (outside any flow) run as the flow run `id`
+/// named `name`, which exists already where runs are observed.
+pub(crate) fn adopt_next(id: Uuid, name: String) {
+    ADOPT.set(Some((id, name)));
 }
 
 /// Runs a sync flow function without a timeout as a flow run, on this thread; the function
@@ -161,8 +176,8 @@ impl FlowRun {
         logging::init();
         crate::reporting::init();
         let parent = context::current().filter(|parent| parent.info.is_some());
-        let id = Uuid::new_v4();
-        let name = names::generate();
+        let adopted = if parent.is_none() { ADOPT.take() } else { None };
+        let (id, name) = adopted.clone().unwrap_or_else(|| (Uuid::new_v4(), names::generate()));
         let parent_link = parent.as_ref().and_then(|parent| {
             let parent_info = parent.info.as_ref()?;
             let task_run_id = Uuid::new_v4();
@@ -191,8 +206,10 @@ impl FlowRun {
             parent: parent_link,
             retries: options.retries,
         };
-        // With a Prefect server, the run's id is the one the server gave it.
-        if let Some(named) = observe::create_flow_run(&info) {
+        if adopted.is_some() {
+            observe::adopt_flow_run(&info);
+        } else if let Some(named) = observe::create_flow_run(&info) {
+            // With a Prefect server, the run's id is the one the server gave it.
             info.id = named;
         }
         let id = info.id;
@@ -205,6 +222,7 @@ impl FlowRun {
         let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
         // Ctrl-C from now on ends this run and its task runs Crashed where they are observed.
         crate::interrupt::install();
+        live::register(&context);
         observe::flow_run_created(&info);
         let mut run = Self { flow, options, info, context, ended: false };
         run.context.span.in_scope(|| {
@@ -299,7 +317,7 @@ impl FlowRun {
     /// retries are left.
     fn retry_delay<R>(&self, outcome: &Result<R, AttemptFailure>, attempt: &mut u32) -> Option<Duration> {
         let failure = outcome.as_ref().err()?;
-        if *attempt >= self.options.retries {
+        if *attempt >= self.options.retries || self.context.cancellation().is_some() {
             return None;
         }
         *attempt += 1;
@@ -319,6 +337,7 @@ impl FlowRun {
     /// Ends a run that the server stopped: releases the runner and says why.
     fn abort(mut self, error: FlowError) -> FlowError {
         self.ended = true;
+        live::forget(self.info.id);
         self.context.runner.stop();
         self.context.span.in_scope(|| tracing::warn!(target: "prefect::flow_run", "Aborted: {}", error.message()));
         observe::flow_run_finished(&self.info);
@@ -331,6 +350,11 @@ impl FlowRun {
             run.materialize();
         }
         self.context.runner.stop();
+        if let Some(reason) = self.context.cancellation() {
+            let message = reason.to_owned();
+            self.end(State::cancelled(message.clone()));
+            return Err(FlowError::Cancelled { flow: self.flow.name.to_owned(), flow_run: self.info.name.clone(), message });
+        }
         let state = match &outcome {
             Ok(_) => State::completed(),
             Err(AttemptFailure::TimedOut(limit)) => State::timed_out(timeout_message(*limit)),
@@ -354,6 +378,7 @@ impl FlowRun {
     /// Enters the final state and logs it.
     fn end(&mut self, state: State) -> State {
         self.ended = true;
+        live::forget(self.info.id);
         let state = self.propose(state.clone()).unwrap_or(state);
         self.context.span.in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
         observe::flow_run_finished(&self.info);
