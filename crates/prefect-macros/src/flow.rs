@@ -99,7 +99,11 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
     };
 
+    let companion = crate::deployment::companion(&function, &signature, &name, &quote! { #key });
+
     Ok(quote! {
+        #companion
+
         #(#outer_attrs)*
         #[allow(clippy::too_many_arguments)]
         #vis #asyncness fn #ident(#(#names: #types),*) -> ::core::result::Result<#value, ::prefect::FlowError> {

@@ -3,6 +3,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
 mod attributes;
+mod deployment;
 mod flow;
 mod signature;
 mod task;

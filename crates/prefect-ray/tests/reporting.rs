@@ -106,3 +106,52 @@ fn task_runs_on_ray_are_reported_with_the_times_they_ran_on_the_worker() {
     assert_eq!(printed["task_run_id"], nap_id.to_string());
     assert!((seconds(&printed["timestamp"]) - started).abs() < 0.5, "{printed}");
 }
+
+#[task]
+fn long_nap(seconds: u64) {
+    std::thread::sleep(Duration::from_secs(seconds));
+}
+
+/// A program started by hand with a server, whose run is cancelled from the UI or the CLI:
+/// unlike Prefect's own client, the run stops, its tasks on Ray with it.
+#[test]
+fn an_ad_hoc_run_cancelled_on_the_server_stops_and_ends_cancelled() {
+    let own =
+        std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().expect("a Prefect test server"));
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+
+    #[flow(task_runner = RayTaskRunner::new())]
+    fn napping(ids: std::sync::mpsc::Sender<Uuid>) -> Vec<String> {
+        ids.send(prefect::runtime::flow_run().unwrap().id).unwrap();
+        let naps: Vec<_> = (0..2).map(|_| long_nap.submit(60)).collect();
+        naps.iter().map(|future| future.state().name).collect()
+    }
+    let (ids, id) = std::sync::mpsc::channel();
+    let flow = std::thread::spawn(move || napping(ids));
+    let flow_run = id.recv().unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(120), || support::executors_below(std::process::id()).len() == 2),
+        "the naps did not start"
+    );
+
+    let cancelled_at = Instant::now();
+    let cancelling = json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": false});
+    client.post(&format!("/flow_runs/{flow_run}/set_state"), &cancelling).unwrap();
+    let error = flow.join().unwrap().unwrap_err();
+    let took = cancelled_at.elapsed();
+    assert!(matches!(error, prefect::FlowError::Cancelled { .. }), "{error}");
+    assert!(took < Duration::from_secs(10), "cancelling took {took:?}");
+    assert_eq!(client.read_flow_run(flow_run).unwrap().state_type(), "CANCELLED");
+    assert!(
+        support::eventually(Duration::from_secs(30), || {
+            let body = json!({"flow_runs": {"id": {"any_": [flow_run]}}});
+            let runs = client.post("/task_runs/filter", &body).unwrap();
+            let runs = runs.as_array().unwrap().clone();
+            runs.len() == 2 && runs.iter().all(|run| run["state_type"] == "CANCELLED")
+        }),
+        "the naps end Cancelled on the server"
+    );
+    assert!(support::executors_below(std::process::id()).is_empty(), "the naps' executors are gone");
+}

@@ -27,7 +27,7 @@
 //! details.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
@@ -43,6 +43,8 @@ use crate::state::{State, StateType};
 
 /// How long a flow waits for the server's answer to a proposed state.
 const ORCHESTRATION_WAIT: Duration = Duration::from_secs(10);
+/// How often the server is asked whether a live flow run was cancelled there.
+const CANCELLATION_POLL: Duration = Duration::from_secs(1);
 /// How long the end of a flow run waits for what is queued to be delivered.
 const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(15);
 
@@ -135,6 +137,8 @@ pub fn connect(api_url: &str, api_key: Option<&str>) -> Result<Reporting, Report
         reporter: Reporter::new(client),
         tasks: Mutex::default(),
         flows: Mutex::default(),
+        flows_changed: Condvar::new(),
+        watching: Once::new(),
     }));
     observe::add_observer(reporting.0.clone());
     connections.push(reporting.clone());
@@ -166,8 +170,13 @@ struct PrefectObserver {
     reporter: Reporter,
     /// What the server must be told again with each state of an unfinished task run.
     tasks: Mutex<HashMap<Uuid, TaskProgress>>,
-    /// The flow runs not finished yet, to end `Crashed` if the program is interrupted.
+    /// The flow runs not finished yet: watched for cancellation on the server, and ended
+    /// `Crashed` if the program is interrupted.
     flows: Mutex<HashMap<Uuid, FlowRunInfo>>,
+    /// Wakes the cancellation watcher when a flow run starts.
+    flows_changed: Condvar,
+    /// Starts the cancellation watcher with the first flow run.
+    watching: Once,
 }
 
 /// A task run's cumulative figures, as Prefect's client computes them.
@@ -361,8 +370,23 @@ impl RunObserver for PrefectObserver {
         Some(id)
     }
 
+    fn adopt_flow_run(&self, info: &FlowRunInfo) {
+        self.reporter.adopt_flow_run(info.id);
+        tracing::info!(target: "prefect::reporting", "View at {}", self.reporter.client().flow_run_url(info.id));
+    }
+
     fn flow_run_created(&self, info: &FlowRunInfo) {
         self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(info.id, info.clone());
+        self.flows_changed.notify_all();
+        self.watching.call_once(|| {
+            let observer = connections_observer(self);
+            let started = std::thread::Builder::new()
+                .name("prefect-cancellation".into())
+                .spawn(move || watch_cancellations(observer));
+            if let Err(error) = started {
+                tracing::warn!(target: "prefect::reporting", "could not watch for cancellations: {error}");
+            }
+        });
     }
 
     fn propose_flow_run_state(&self, info: &FlowRunInfo, state: &State) -> Orchestration {
@@ -440,6 +464,43 @@ impl RunObserver for PrefectObserver {
             self.reporter.set_flow_run_state(info.id, state_create(&crashed), wait);
         }
         self.reporter.flush(deadline.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
+/// The observer `this` as a weak reference, found among the connections.
+fn connections_observer(this: &PrefectObserver) -> Weak<PrefectObserver> {
+    let connections = CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner());
+    connections.iter().find(|c| std::ptr::eq(Arc::as_ptr(&c.0), this)).map(|c| Arc::downgrade(&c.0)).unwrap_or_default()
+}
+
+/// Asks the server, every [`CANCELLATION_POLL`] while flow runs are live, which of them it
+/// has moved to `Cancelling` (the UI's Cancel, `prefect flow-run cancel`, a parent's
+/// cancellation), and cancels those here: Prefect's own client would let them run on.
+fn watch_cancellations(observer: Weak<PrefectObserver>) {
+    loop {
+        let Some(this) = observer.upgrade() else { return };
+        let ids: Vec<Uuid> = {
+            let mut flows = this.flows.lock().unwrap_or_else(|p| p.into_inner());
+            while flows.is_empty() {
+                flows = this.flows_changed.wait(flows).unwrap_or_else(|p| p.into_inner());
+            }
+            flows.keys().copied().collect()
+        };
+        let filter = json!({
+            "flow_runs": {"id": {"any_": ids}, "state": {"type": {"any_": ["CANCELLING", "CANCELLED"]}}},
+        });
+        if let Ok(runs) = this.reporter.client().read_flow_runs(&filter) {
+            for run in runs {
+                let message = run.state.and_then(|state| state.message).filter(|m| !m.is_empty());
+                let reason = match message {
+                    Some(message) => format!("the flow run was cancelled on the Prefect server: {message}"),
+                    None => "the flow run was cancelled on the Prefect server".to_owned(),
+                };
+                observe::cancel_flow_run(run.id, &reason);
+            }
+        }
+        drop(this);
+        std::thread::sleep(CANCELLATION_POLL);
     }
 }
 

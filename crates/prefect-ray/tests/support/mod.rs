@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -140,3 +141,52 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Every process below `pid`.
+pub fn descendants(pid: u32) -> BTreeSet<u32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(child.to_string()).join("stat")) else {
+            continue;
+        };
+        // The parent is the second field after the parenthesised command name.
+        if let Some(parent) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok())
+        {
+            parents.push((child, parent));
+        }
+    }
+    let mut found = BTreeSet::new();
+    let mut frontier = vec![pid];
+    while let Some(next) = frontier.pop() {
+        for (child, parent) in &parents {
+            if *parent == next && found.insert(*child) {
+                frontier.push(*child);
+            }
+        }
+    }
+    found
+}
+
+/// The task executors below `pid`: processes of this binary that are not its direct children
+/// (a served run's own process is one).
+pub fn executors_below(pid: u32) -> Vec<u32> {
+    let exe = std::env::current_exe().unwrap();
+    descendants(pid)
+        .into_iter()
+        .filter(|process| !descendants_direct(pid).contains(process))
+        .filter(|process| std::fs::read_link(format!("/proc/{process}/exe")).is_ok_and(|path| path == exe))
+        .collect()
+}
+
+pub fn descendants_direct(pid: u32) -> BTreeSet<u32> {
+    descendants(pid)
+        .into_iter()
+        .filter(|process| {
+            std::fs::read_to_string(format!("/proc/{process}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok()) == Some(pid)
+            })
+        })
+        .collect()
+}
+
