@@ -168,7 +168,8 @@ fn test(args: &[String]) -> Result {
     with_cluster(&mut doc_tests);
     let outcome = run(&mut tests)
         .and_then(|()| run(&mut doc_tests))
-        .and_then(|()| prefect_server::ui_check(&root(), &services.prefect));
+        .and_then(|()| prefect_server::ui_check(&root(), &services.prefect))
+        .and_then(|()| prefect_server::serve_ui_check(&root(), &services.prefect));
     drop(services);
     outcome.and_then(|()| downstream::check(&root(), &ray_python))
 }

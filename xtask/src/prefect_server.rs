@@ -17,6 +17,9 @@ pub const SHARED_SERVER_ENV: &str = "PREFECT_TEST_API_URL";
 /// Where the end-to-end check saves its screenshot, relative to the workspace root.
 pub const SCREENSHOT: &str = "docs/prefect-ui-flow-run.png";
 
+/// Where the serving check saves its screenshot of the deployment page.
+pub const DEPLOYMENT_SCREENSHOT: &str = "docs/prefect-ui-deployment.png";
+
 /// Starts the shared test server with the `prefect` next to `prefect_python` (the Python of
 /// `.venv-prefect`): loopback only, SQLite, analytics off. Dropping it stops the server.
 pub fn start(prefect_python: &Path) -> Result<TestServer> {
@@ -65,6 +68,121 @@ pub fn ui_check(root: &Path, server: &TestServer) -> Result {
         .args(&task_runs)
         .env("CHROMIUM", chromium)
         .current_dir(&e2e))
+}
+
+/// Serves the `serve_count_to` example to `server`, then, in headless Chromium, starts a
+/// custom run (the parameters form) and a quick run from the deployment's page and cancels a
+/// long run from its own page (`e2e/prefect-ui-serve.mjs` checks their final states), and
+/// saves a screenshot of the deployment page to [`DEPLOYMENT_SCREENSHOT`]. Then checks that
+/// nothing of the runs is left, and that Ctrl-C stops serving cleanly.
+pub fn serve_ui_check(root: &Path, server: &TestServer) -> Result {
+    run(cargo().args(["build", "--quiet", "-p", "prefect-ray", "--example", "serve_count_to"]))?;
+    let program = root.join("target/debug/examples/serve_count_to");
+    eprintln!("xtask: serving the serve_count_to example to the Prefect server at {}", server.api_url());
+    let child = Command::new(&program)
+        .env("PREFECT_API_URL", server.api_url())
+        .env("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start {}: {e}", program.display()))?;
+    let mut serving = Serving(child);
+    let client = server.client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let deployment = loop {
+        if let Some(id) =
+            client.get("/deployments/name/count-to/count-to").ok().and_then(|d| d["id"].as_str().map(str::to_owned))
+        {
+            break id;
+        }
+        if Instant::now() > deadline {
+            return Err("the serve_count_to example did not register its deployment within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("xtask: running, cancelling and checking runs from the deployment's page in headless Chromium");
+    run(Command::new("node")
+        .arg(root.join("e2e/prefect-ui-serve.mjs"))
+        .arg(client.ui_url())
+        .arg(server.api_url())
+        .arg(&deployment)
+        .arg(root.join(DEPLOYMENT_SCREENSHOT))
+        .env("CHROMIUM", chromium()?)
+        .current_dir(root.join("e2e")))?;
+    let pid = serving.0.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !descendants(pid).is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("processes of the served runs are left: {:?}", descendants(pid)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    serving.interrupt()
+}
+
+/// The serving example, interrupted if the check fails half-way.
+struct Serving(std::process::Child);
+
+impl Serving {
+    /// Ctrl-C, as a user would: serving must stop cleanly within 30 s.
+    fn interrupt(&mut self) -> Result {
+        send_signal(self.0.id(), signal_hook::consts::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => return Err(format!("serving ended with {status} on Ctrl-C")),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                _ => return Err("serving did not stop within 30 s of Ctrl-C".into()),
+            }
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            send_signal(self.0.id(), signal_hook::consts::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Sends `signal` to a child this check started (with `kill`: xtask has no libc).
+fn send_signal(pid: u32, signal: i32) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+/// Every process below `pid`, from `/proc`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| {
+                    let child = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+                    let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                    let parent = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+                    Some((child, parent))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(next) = frontier.pop() {
+        for (child, parent) in &parents {
+            if *parent == next && !found.contains(child) {
+                found.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    found
 }
 
 /// The names of the flow run's task runs, once the server has recorded them all in a final

@@ -276,7 +276,10 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
         }
     };
     let dependencies: Vec<TaskRun> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
-    Some((function, Call { pending: PendingRun { run: spec.run, dependencies, cancelled: None }, header, value_keys, report_keys }))
+    Some((
+        function,
+        Call { pending: PendingRun { run: spec.run, dependencies, cancelled: None }, header, value_keys, report_keys },
+    ))
 }
 
 /// The most one argument can take: MessagePack's limit for one binary value (4 GiB - 1).

@@ -90,9 +90,8 @@ struct Serving {
 
 impl Serving {
     fn start(deployments: &str) -> Self {
-        let own = std::env::var("PREFECT_TEST_API_URL")
-            .is_err()
-            .then(|| TestServer::start().expect("a Prefect test server"));
+        let own =
+            std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().expect("a Prefect test server"));
         let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
         let child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "serving_program", "--ignored", "--nocapture"])
@@ -109,7 +108,11 @@ impl Serving {
     fn deployment(&self, full_name: &str) -> Uuid {
         let mut id = None;
         let registered = eventually(Duration::from_secs(60), || {
-            id = self.client.get(&format!("/deployments/name/{full_name}")).ok().and_then(|d| d["id"].as_str()?.parse().ok());
+            id = self
+                .client
+                .get(&format!("/deployments/name/{full_name}"))
+                .ok()
+                .and_then(|d| d["id"].as_str()?.parse().ok());
             id.is_some()
         });
         assert!(registered, "deployment {full_name} was not registered");
@@ -190,10 +193,13 @@ fn runs_from_the_api_the_cli_and_a_schedule_execute_with_the_servers_parameters(
     assert_eq!(read.state_type(), "COMPLETED", "{read:?}");
     assert_eq!(Value::Object(read.parameters.clone()), json!({"highest_number": 5, "label": "api"}));
     let states = serving.task_run_states(from_api);
-    assert!(eventually(Duration::from_secs(30), || {
-        let states = serving.task_run_states(from_api);
-        states.len() == 5 && states.iter().all(|s| s == "COMPLETED")
-    }), "{states:?}");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let states = serving.task_run_states(from_api);
+            states.len() == 5 && states.iter().all(|s| s == "COMPLETED")
+        }),
+        "{states:?}"
+    );
     assert!(
         eventually(Duration::from_secs(30), || serving.logs(from_api).iter().any(|line| line == "#4")),
         "the run's output reached the server: {:?}",

@@ -151,8 +151,7 @@ pub fn descendants(pid: u32) -> BTreeSet<u32> {
             continue;
         };
         // The parent is the second field after the parenthesised command name.
-        if let Some(parent) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok())
-        {
+        if let Some(parent) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok()) {
             parents.push((child, parent));
         }
     }
@@ -189,4 +188,3 @@ pub fn descendants_direct(pid: u32) -> BTreeSet<u32> {
         })
         .collect()
 }
-

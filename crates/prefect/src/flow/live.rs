@@ -22,7 +22,8 @@ fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
 /// Keeps `context` findable by its run's id until [`forget`].
 pub(super) fn register(context: &Arc<FlowRunContext>) {
     let Some(info) = &context.info else { return };
-    let entry = Live { id: info.id, parent: info.parent.as_ref().map(|p| p.flow_run_id), context: Arc::downgrade(context) };
+    let entry =
+        Live { id: info.id, parent: info.parent.as_ref().map(|p| p.flow_run_id), context: Arc::downgrade(context) };
     let mut live = live();
     live.retain(|entry| entry.context.strong_count() > 0);
     live.push(entry);

@@ -353,7 +353,11 @@ impl FlowRun {
         if let Some(reason) = self.context.cancellation() {
             let message = reason.to_owned();
             self.end(State::cancelled(message.clone()));
-            return Err(FlowError::Cancelled { flow: self.flow.name.to_owned(), flow_run: self.info.name.clone(), message });
+            return Err(FlowError::Cancelled {
+                flow: self.flow.name.to_owned(),
+                flow_run: self.info.name.clone(),
+                message,
+            });
         }
         let state = match &outcome {
             Ok(_) => State::completed(),
