@@ -69,23 +69,36 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         quote! { __prefect_flow_body(#(#names),*) }
     };
     let result = signature.value_as_result(call_inner, to_message);
-    // Each attempt needs its own arguments: cloned when the flow may retry, taken once otherwise.
-    let take_arguments = if has_retries {
-        quote! { let (#(#names,)*) = (#(::core::clone::Clone::clone(&#names),)*); }
+    // Each attempt needs its own arguments: cloned when the flow may retry. Without
+    // `retries`, a Prefect server may still retry the run: arguments that implement `Clone`
+    // are cloned for each attempt (autoref specialization), others are taken by the first.
+    let next_arguments = if has_retries {
+        quote! {
+            let __next = ::core::option::Option::Some((#(::core::clone::Clone::clone(&#names),)*));
+        }
     } else {
         quote! {
-            let (#(#names,)*) = __arguments.take().expect("a flow without retries runs its function once");
+            #[allow(unused_imports)]
+            use ::prefect::__private::{CloneArguments as _, TakeArguments as _};
+            let __next = (&__arguments).next_arguments();
         }
+    };
+    let unpack = quote! {
+        let ::core::option::Option::Some((#(#names,)*)) = __next else {
+            return ::core::result::Result::Err(::std::string::String::from(
+                "the flow cannot run again: its parameters do not implement Clone, and its first attempt took them",
+            ));
+        };
     };
     let hold_arguments = if has_retries {
         quote! {}
     } else {
-        quote! { let mut __arguments = ::core::option::Option::Some((#(#names,)*)); }
+        quote! { let __arguments = ::prefect::__private::Arguments::new((#(#names,)*)); }
     };
     let body_closure = if signature.is_async {
-        quote! { move || { #take_arguments async move { #result } } }
+        quote! { move || { #next_arguments async move { #unpack #result } } }
     } else {
-        quote! { move || -> ::core::result::Result<#value, ::std::string::String> { #take_arguments #result } }
+        quote! { move || -> ::core::result::Result<#value, ::std::string::String> { #next_arguments #unpack #result } }
     };
     let run = match (signature.is_async, timeout.is_some()) {
         (true, _) => {

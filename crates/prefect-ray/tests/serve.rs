@@ -59,6 +59,28 @@ fn long_naps(naps: u32) {
     prefect::wait(&naps, None);
 }
 
+/// Fails its first attempt in a process, completes the next.
+#[flow]
+fn flaky() -> u32 {
+    static ATTEMPTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    match ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => panic!("the first attempt fails"),
+        attempt => attempt + 1,
+    }
+}
+
+#[task]
+fn step(number: u32) -> u32 {
+    std::thread::sleep(Duration::from_millis(300));
+    number
+}
+
+/// Takes `count` steps, one after another.
+#[flow]
+fn steps(count: u32) -> u32 {
+    (0..count).map(|number| step.submit(number).result().unwrap()).sum()
+}
+
 /// Dies without a word.
 #[flow]
 fn doomed() {
@@ -75,6 +97,7 @@ fn serving_program() {
             doomed::to_deployment("doomed"),
         ],
         Ok("cancel") => vec![long_naps::to_deployment("napping")],
+        Ok("orchestration") => vec![flaky::to_deployment("flaky"), steps::to_deployment("stepping")],
         other => panic!("{DEPLOYMENTS_ENV} names no deployments: {other:?}"),
     };
     prefect::serve(deployments).unwrap();
@@ -295,4 +318,57 @@ fn a_run_cancelled_on_the_server_stops_its_tasks_on_ray_and_ends_cancelled() {
         "left: {:?}",
         descendants(serving.child.id())
     );
+}
+
+#[test]
+fn served_runs_follow_the_servers_retries_and_pauses() {
+    let serving = Serving::start("orchestration");
+
+    // A run the server gives retries of its own: the failed attempt's Failed is rejected
+    // into AwaitingRetry, and the flow runs again in the same process.
+    let flaky = serving.deployment("flaky/flaky");
+    let body = json!({"parameters": {}, "empirical_policy": {"retries": 1, "retry_delay": 0}});
+    let run: Uuid = serving.client.post(&format!("/deployments/{flaky}/create_flow_run"), &body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let read = serving.final_state(run, Duration::from_secs(60));
+    assert_eq!(read.state_type(), "COMPLETED", "{read:?}");
+    let history = serving.client.get(&format!("/flow_run_states/?flow_run_id={run}")).unwrap();
+    let names: Vec<&str> = history.as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(names.contains(&"AwaitingRetry") && names.contains(&"Retrying"), "{names:?}");
+
+    // A run paused on the server submits nothing until it is resumed.
+    let stepping = serving.deployment("steps/stepping");
+    let run = serving.run(stepping, json!({"count": 12}));
+    assert!(eventually(Duration::from_secs(60), || serving.task_run_states(run).len() >= 2), "the steps started");
+    let paused_at = chrono::Utc::now();
+    let pause = json!({"state": {"type": "PAUSED", "name": "Paused"}, "force": true});
+    serving.client.post(&format!("/flow_runs/{run}/set_state"), &pause).unwrap();
+    // The pause lasts a while, as a user's would; steps created in it would be a failure.
+    std::thread::sleep(Duration::from_secs(4));
+    let resumed_at = chrono::Utc::now();
+    serving.client.post(&format!("/flow_runs/{run}/resume"), &json!({})).unwrap();
+    let read = serving.final_state(run, Duration::from_secs(60));
+    assert_eq!(read.state_type(), "COMPLETED", "{read:?}");
+    assert_eq!(read.parameters["count"], 12);
+    let body = json!({"flow_runs": {"id": {"any_": [run]}}});
+    let mut created: Vec<chrono::DateTime<chrono::Utc>> = Vec::new();
+    let recorded = eventually(Duration::from_secs(30), || {
+        let runs = serving.client.post("/task_runs/filter", &body).unwrap();
+        created = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["expected_start_time"].as_str().unwrap().parse().unwrap())
+            .collect();
+        created.len() == 12
+    });
+    assert!(recorded, "the server recorded {} of 12 steps", created.len());
+    // The watcher looks once a second, and one step may be on its way when it does.
+    let noticed = paused_at + chrono::TimeDelta::milliseconds(1500);
+    let during: Vec<_> = created.iter().filter(|at| **at > noticed && **at < resumed_at).collect();
+    assert!(during.is_empty(), "steps created while paused: {during:?} (paused {paused_at}, resumed {resumed_at})");
+    assert!(created.iter().any(|at| *at > resumed_at), "steps went on after the resume");
 }

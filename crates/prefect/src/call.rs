@@ -174,6 +174,7 @@ impl<V> Task<V> {
     /// observers. A run whose arguments could not be serialized, or whose options are out of
     /// range, ends `Failed` at once.
     fn prepare(&self, context: &Arc<FlowRunContext>, call: TaskCall) -> Result<TaskRunSpec, TaskRun> {
+        context.wait_while_paused();
         let definition = self.definition;
         let mut options = self.options();
         crate::options::apply_remote_scopes(&mut options);

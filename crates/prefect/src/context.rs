@@ -27,6 +27,9 @@ pub(crate) struct FlowRunContext {
     dynamic_keys: Mutex<HashMap<&'static str, u64>>,
     /// Why the flow run was cancelled, once it is: its new task runs end `Cancelled`.
     cancelled: OnceLock<String>,
+    /// Whether the flow run is paused (from a Prefect server): new task runs wait.
+    paused: Mutex<bool>,
+    resumed: Condvar,
 }
 
 impl FlowRunContext {
@@ -40,6 +43,29 @@ impl FlowRunContext {
             tracker: Arc::default(),
             dynamic_keys: Mutex::default(),
             cancelled: OnceLock::new(),
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+        }
+    }
+
+    /// Pauses the flow run: task runs submitted from now on wait until it is resumed (or
+    /// cancelled); those already submitted go on. Returns whether it was running.
+    pub(crate) fn pause(&self) -> bool {
+        !std::mem::replace(&mut *self.paused.lock().unwrap_or_else(|p| p.into_inner()), true)
+    }
+
+    /// Resumes a paused flow run. Returns whether it was paused.
+    pub(crate) fn resume(&self) -> bool {
+        let was = std::mem::replace(&mut *self.paused.lock().unwrap_or_else(|p| p.into_inner()), false);
+        self.resumed.notify_all();
+        was
+    }
+
+    /// Waits while the flow run is paused.
+    pub(crate) fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        while *paused {
+            paused = self.resumed.wait(paused).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -50,6 +76,8 @@ impl FlowRunContext {
         if self.cancelled.set(reason.to_owned()).is_err() {
             return false;
         }
+        // A paused run's waiting submissions go on, to end `Cancelled`.
+        self.resume();
         self.runner.cancel_pending(reason);
         true
     }

@@ -64,6 +64,41 @@ pub mod __private {
     pub use crate::registry::{TASKS, TaskBody, TaskDefinition};
     pub use crate::wire::{ArgDecoder, encode_value};
 
+    /// A flow call's arguments, for as many attempts as the run takes.
+    #[derive(Debug)]
+    pub struct Arguments<T>(std::sync::Mutex<Option<T>>);
+
+    impl<T> Arguments<T> {
+        /// Holds `arguments`.
+        pub fn new(arguments: T) -> Self {
+            Self(std::sync::Mutex::new(Some(arguments)))
+        }
+    }
+
+    /// Arguments that implement `Clone`: every attempt gets a copy.
+    pub trait CloneArguments<T> {
+        /// A copy of the arguments.
+        fn next_arguments(&self) -> Option<T>;
+    }
+
+    impl<T: Clone> CloneArguments<T> for Arguments<T> {
+        fn next_arguments(&self) -> Option<T> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    /// Arguments that do not: the first attempt takes them.
+    pub trait TakeArguments<T> {
+        /// The arguments, once.
+        fn next_arguments(&self) -> Option<T>;
+    }
+
+    impl<T> TakeArguments<T> for &Arguments<T> {
+        fn next_arguments(&self) -> Option<T> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        }
+    }
+
     /// Checks at compile time that a task's parameter can travel to another process.
     pub const fn assert_task_value<T: TaskValue>() {}
 

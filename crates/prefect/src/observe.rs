@@ -204,6 +204,20 @@ pub fn cancel_flow_run(id: Uuid, reason: &str) -> bool {
     crate::flow::cancel(id, reason)
 }
 
+/// Pauses the flow run `id` of this process and its subflow runs, as a Prefect server's
+/// Pause does: task runs they submit from now on wait until [`resume_flow_run`] (or a
+/// cancellation); runs already submitted go on. Returns whether a run in progress had
+/// that id.
+pub fn pause_flow_run(id: Uuid, reason: &str) -> bool {
+    crate::flow::pause(id, true, reason)
+}
+
+/// Resumes a flow run that [`pause_flow_run`] paused. Returns whether a run in progress
+/// had that id.
+pub fn resume_flow_run(id: Uuid, reason: &str) -> bool {
+    crate::flow::pause(id, false, reason)
+}
+
 /// Hands a log line to every observer.
 pub fn log(record: &LogRecord) {
     each(|o| o.log(record));

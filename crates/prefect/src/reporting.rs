@@ -26,7 +26,7 @@
 //! are live, they end `Crashed` on the server first. See [`prefect_api::Reporter`] for the
 //! details.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 use std::time::Duration;
 
@@ -473,10 +473,13 @@ fn connections_observer(this: &PrefectObserver) -> Weak<PrefectObserver> {
     connections.iter().find(|c| std::ptr::eq(Arc::as_ptr(&c.0), this)).map(|c| Arc::downgrade(&c.0)).unwrap_or_default()
 }
 
-/// Asks the server, every [`CANCELLATION_POLL`] while flow runs are live, which of them it
-/// has moved to `Cancelling` (the UI's Cancel, `prefect flow-run cancel`, a parent's
-/// cancellation), and cancels those here: Prefect's own client would let them run on.
+/// Asks the server, every [`CANCELLATION_POLL`] while flow runs are live, what it did to
+/// them, and follows: a run it moved to `Cancelling` (the UI's Cancel, `prefect flow-run
+/// cancel`, a parent's cancellation) is cancelled here, which Prefect's own client would let
+/// run on; a run it `Paused` (or `Suspended`) waits before each new task run until the
+/// server resumes it.
 fn watch_cancellations(observer: Weak<PrefectObserver>) {
+    let mut paused: HashSet<Uuid> = HashSet::new();
     loop {
         let Some(this) = observer.upgrade() else { return };
         let ids: Vec<Uuid> = {
@@ -486,17 +489,35 @@ fn watch_cancellations(observer: Weak<PrefectObserver>) {
             }
             flows.keys().copied().collect()
         };
-        let filter = json!({
-            "flow_runs": {"id": {"any_": ids}, "state": {"type": {"any_": ["CANCELLING", "CANCELLED"]}}},
-        });
-        if let Ok(runs) = this.reporter.client().read_flow_runs(&filter) {
+        paused.retain(|id| ids.contains(id));
+        if let Ok(runs) = this.reporter.client().read_flow_runs(&json!({"flow_runs": {"id": {"any_": ids}}})) {
             for run in runs {
-                let message = run.state.and_then(|state| state.message).filter(|m| !m.is_empty());
-                let reason = match message {
-                    Some(message) => format!("the flow run was cancelled on the Prefect server: {message}"),
-                    None => "the flow run was cancelled on the Prefect server".to_owned(),
+                let message = run.state.as_ref().and_then(|state| state.message.clone()).filter(|m| !m.is_empty());
+                let because = |what: &str| match &message {
+                    Some(message) => format!("the flow run was {what} on the Prefect server: {message}"),
+                    None => format!("the flow run was {what} on the Prefect server"),
                 };
-                observe::cancel_flow_run(run.id, &reason);
+                match run.state_type() {
+                    "CANCELLING" | "CANCELLED" => {
+                        observe::cancel_flow_run(run.id, &because("cancelled"));
+                    }
+                    "PAUSED" if paused.insert(run.id) => {
+                        observe::pause_flow_run(run.id, &because("paused"));
+                    }
+                    "PAUSED" => {}
+                    state if paused.remove(&run.id) => {
+                        if state != "RUNNING" {
+                            // Resuming a suspended run schedules it again: it runs on here.
+                            this.reporter.set_flow_run_state(
+                                run.id,
+                                StateCreate::new("RUNNING", "Running"),
+                                ORCHESTRATION_WAIT,
+                            );
+                        }
+                        observe::resume_flow_run(run.id, &because("resumed"));
+                    }
+                    _ => {}
+                }
             }
         }
         drop(this);

@@ -23,7 +23,7 @@
 mod attempt;
 mod live;
 
-pub(crate) use live::cancel;
+pub(crate) use live::{cancel, pause};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -147,8 +147,35 @@ async fn drive<R>(run: FlowRun, mut attempts: impl Attempts<R>) -> Result<R, Flo
                     return Err(run.abort(error));
                 }
             }
-            None => return run.finish(outcome),
+            None => match run.ask_to_fail(&outcome) {
+                FinalAnswer::Retry(delay) => {
+                    attempts.pause(delay).await;
+                    if let Err(error) = run.propose(State::retrying()) {
+                        return Err(run.abort(error));
+                    }
+                }
+                FinalAnswer::Decided(state) => return run.finish(outcome, Some(state)),
+                FinalAnswer::NotAsked => return run.finish(outcome, None),
+            },
         }
+    }
+}
+
+/// The server's answer to a failed run's final state.
+enum FinalAnswer {
+    /// Run the flow again after this long.
+    Retry(Duration),
+    /// The run is in this final state on the server.
+    Decided(State),
+    /// Nothing was proposed: the run ends as usual.
+    NotAsked,
+}
+
+/// The final state of a failed attempt.
+fn failure_state(failure: &AttemptFailure) -> State {
+    match failure {
+        AttemptFailure::TimedOut(limit) => State::timed_out(timeout_message(*limit)),
+        failure => State::failed(failure.message()),
     }
 }
 
@@ -254,32 +281,61 @@ impl FlowRun {
 
     /// Asks the observers (a Prefect server) to let the run enter `state`.
     fn propose(&self, state: State) -> Result<State, FlowError> {
+        match self.ask(&state) {
+            Orchestration::Accept | Orchestration::Wait(_) => Ok(state),
+            Orchestration::Reject(server_state) if server_state.state_type == state.state_type => Ok(server_state),
+            Orchestration::Reject(server_state) => Err(self.error_for(
+                &server_state,
+                format!("the Prefect server put the run in state {server_state} instead of {state}"),
+            )),
+            Orchestration::Abort(reason) => Err(FlowError::Cancelled {
+                flow: self.flow.name.to_owned(),
+                flow_run: self.info.name.clone(),
+                message: format!("the Prefect server aborted the run: {reason}"),
+            }),
+        }
+    }
+
+    /// The observers' answer to `state`, after waiting as long as they ask (at most 10
+    /// minutes in all); a wait beyond that counts as accepted.
+    fn ask(&self, state: &State) -> Orchestration {
         let mut waited = Duration::ZERO;
         loop {
-            match observe::propose_flow_run_state(&self.info, &state) {
-                Orchestration::Accept => return Ok(state),
+            match observe::propose_flow_run_state(&self.info, state) {
                 Orchestration::Wait(delay) if waited < Duration::from_secs(600) => {
                     waited += delay;
                     std::thread::sleep(delay);
                 }
-                Orchestration::Wait(_) => return Ok(state),
-                Orchestration::Reject(server_state) if server_state.state_type == state.state_type => {
-                    return Ok(server_state);
-                }
-                Orchestration::Reject(server_state) => {
-                    return Err(self.error_for(
-                        &server_state,
-                        format!("the Prefect server put the run in state {server_state} instead of {state}"),
-                    ));
-                }
-                Orchestration::Abort(reason) => {
-                    return Err(FlowError::Cancelled {
-                        flow: self.flow.name.to_owned(),
-                        flow_run: self.info.name.clone(),
-                        message: format!("the Prefect server aborted the run: {reason}"),
-                    });
-                }
+                answer => return answer,
             }
+        }
+    }
+
+    /// For a failed attempt with no retries of its own left: proposes the final state
+    /// before the run ends, because the server may answer with a retry of its own (a
+    /// deployment's run with retries set on the server is rejected into `AwaitingRetry`).
+    fn ask_to_fail<R>(&self, outcome: &Result<R, AttemptFailure>) -> FinalAnswer {
+        let Err(failure) = outcome else { return FinalAnswer::NotAsked };
+        if self.context.cancellation().is_some() || !observe::active() {
+            return FinalAnswer::NotAsked;
+        }
+        let state = failure_state(failure);
+        match self.ask(&state) {
+            Orchestration::Reject(server) if server.state_type == StateType::Scheduled => {
+                let at = server.scheduled_time.unwrap_or_else(Utc::now);
+                let delay = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                self.context.span.in_scope(|| {
+                    tracing::warn!(
+                        target: "prefect::flow_run",
+                        "{} - the Prefect server retries the flow run {} second(s) from now",
+                        failure.message(),
+                        task_engine::seconds_text(delay)
+                    );
+                });
+                FinalAnswer::Retry(delay)
+            }
+            Orchestration::Reject(server) => FinalAnswer::Decided(server),
+            Orchestration::Accept | Orchestration::Wait(_) | Orchestration::Abort(_) => FinalAnswer::Decided(state),
         }
     }
 
@@ -344,8 +400,9 @@ impl FlowRun {
         error
     }
 
-    /// Keeps the values of returned futures, stops the runner, and enters the final state.
-    fn finish<R>(mut self, outcome: Result<R, AttemptFailure>) -> Result<R, FlowError> {
+    /// Keeps the values of returned futures, stops the runner, and enters the final state
+    /// (unless the server has `decided` it already).
+    fn finish<R>(mut self, outcome: Result<R, AttemptFailure>, decided: Option<State>) -> Result<R, FlowError> {
         for run in self.context.tracker.live_runs() {
             run.materialize();
         }
@@ -359,12 +416,11 @@ impl FlowRun {
                 message,
             });
         }
-        let state = match &outcome {
-            Ok(_) => State::completed(),
-            Err(AttemptFailure::TimedOut(limit)) => State::timed_out(timeout_message(*limit)),
-            Err(failure) => State::failed(failure.message()),
+        let state = match (&outcome, decided) {
+            (_, Some(decided)) => self.ended_in(decided),
+            (Ok(_), None) => self.end(State::completed()),
+            (Err(failure), None) => self.end(failure_state(failure)),
         };
-        let state = self.end(state);
         let (flow, flow_run) = (self.flow.name.to_owned(), self.info.name.clone());
         match (outcome, state.is_completed()) {
             (Ok(value), true) => Ok(value),
@@ -381,9 +437,14 @@ impl FlowRun {
 
     /// Enters the final state and logs it.
     fn end(&mut self, state: State) -> State {
+        let state = self.propose(state.clone()).unwrap_or(state);
+        self.ended_in(state)
+    }
+
+    /// The run is in its final state `state`: logs it, and lets the observers deliver.
+    fn ended_in(&mut self, state: State) -> State {
         self.ended = true;
         live::forget(self.info.id);
-        let state = self.propose(state.clone()).unwrap_or(state);
         self.context.span.in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
         observe::flow_run_finished(&self.info);
         state
