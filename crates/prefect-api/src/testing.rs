@@ -47,6 +47,9 @@ pub fn server_env(home: &Path, port: u16) -> Vec<(String, String)> {
         ("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE".into(), "500".into()),
         ("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE".into(), "100".into()),
         ("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL".into(), "1".into()),
+        // A run held by a deployment's concurrency limit is due again this much later (30 s
+        // by default): tests of the limit need not idle.
+        ("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS".into(), "2".into()),
     ];
     for service in [
         "SCHEDULER",

@@ -97,7 +97,11 @@ fn serving_program() {
             doomed::to_deployment("doomed"),
         ],
         Ok("cancel") => vec![long_naps::to_deployment("napping")],
-        Ok("orchestration") => vec![flaky::to_deployment("flaky"), steps::to_deployment("stepping")],
+        Ok("orchestration") => vec![
+            flaky::to_deployment("flaky"),
+            steps::to_deployment("stepping"),
+            steps::to_deployment("one-at-a-time").concurrency_limit(1),
+        ],
         other => panic!("{DEPLOYMENTS_ENV} names no deployments: {other:?}"),
     };
     prefect::serve(deployments).unwrap();
@@ -371,4 +375,23 @@ fn served_runs_follow_the_servers_retries_and_pauses() {
     let during: Vec<_> = created.iter().filter(|at| **at > noticed && **at < resumed_at).collect();
     assert!(during.is_empty(), "steps created while paused: {during:?} (paused {paused_at}, resumed {resumed_at})");
     assert!(created.iter().any(|at| *at > resumed_at), "steps went on after the resume");
+}
+
+#[test]
+fn a_deployments_concurrency_limit_holds_its_runs_one_at_a_time() {
+    let serving = Serving::start("orchestration");
+    let deployment = serving.deployment("steps/one-at-a-time");
+    let runs: Vec<Uuid> = (0..3).map(|_| serving.run(deployment, json!({"count": 3}))).collect();
+    let mut spans = Vec::new();
+    for run in &runs {
+        let read = serving.final_state(*run, Duration::from_secs(120));
+        assert_eq!(read.state_type(), "COMPLETED", "{read:?}");
+        let run = serving.client.get(&format!("/flow_runs/{run}")).unwrap();
+        let time = |field: &str| -> chrono::DateTime<chrono::Utc> { run[field].as_str().unwrap().parse().unwrap() };
+        spans.push((time("start_time"), time("end_time")));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "runs overlapped: {pair:?}");
+    }
 }
