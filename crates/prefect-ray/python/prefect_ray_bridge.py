@@ -73,6 +73,8 @@ from prefect_ray_worker.protocol import (
     Fatal,
     FatalKind,
     Get,
+    Live,
+    LiveLine,
     NoValue,
     Release,
     Reply,
@@ -86,7 +88,7 @@ from prefect_ray_worker.protocol import (
     frame,
     write_all,
 )
-from prefect_ray_worker.ray_internals import check_client, check_gcs, when_ready
+from prefect_ray_worker.ray_internals import check_client, check_gcs, stream_live_output, when_ready
 
 
 class Writer:
@@ -174,6 +176,10 @@ class Bridge:
         self.nodes_at = 0.0
         self.started_local = False
 
+    def send_live(self, lines: list[LiveLine]) -> None:
+        """Forwards marked lines of worker logs to the program."""
+        self.writer.send(Live(lines))
+
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
@@ -181,7 +187,13 @@ class Bridge:
         kwargs = dict(config.get("init_kwargs") or {})
         kwargs.setdefault("namespace", "prefect")
         address = config.get("address")
-        kwargs.setdefault("log_to_driver", False)
+        # Ray streams workers' logs to this driver: the lines tasks write, marked with their
+        # run, reach the program while the tasks run (`stream_live_output`).
+        kwargs.setdefault("log_to_driver", True)
+        live = bool(kwargs["log_to_driver"])
+        through_client = bool(address and address.startswith("ray://"))
+        if live and through_client:
+            stream_live_output(self.send_live, through_client=True)
         if address:
             if address.startswith("ray://"):
                 probe(address, wait=CLUSTER_WAIT)
@@ -203,6 +215,8 @@ class Bridge:
             kwargs.setdefault("_temp_dir", config["temp_dir"])
             context = ray.init(**kwargs)
             self.started_local = True
+        if live and not through_client:
+            stream_live_output(self.send_live, through_client=False)
         self.refresh_nodes(force=True)
         alive = [node for node in self.nodes if node.get("Alive")]
         self.writer.send(

@@ -1,14 +1,17 @@
 //! Turning what came back from Ray into the task run's states, logs and value.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::{DateTime, Utc};
 
 use prefect::State;
 use prefect::logging::TIMESTAMP_FIELD;
 use prefect::runner::{ResultData, TaskRun, TaskRunWriter, not_ready};
 
-use crate::protocol::FailureKind;
 use crate::protocol::envelope::{self, OutputLine, Stream};
+use crate::protocol::{FailureKind, LiveLine};
 
 /// A run submitted to Ray and not finished yet: its write handle, and the runs it depends
 /// on (whose states decide how it ends when Ray fails it).
@@ -18,11 +21,50 @@ pub(crate) struct PendingRun {
     /// Why the run was cancelled, once it was: however Ray then ends it (a worker killed
     /// by `ray.cancel` can look like a crash), it ends `Cancelled` unless it completed.
     pub(crate) cancelled: Option<String>,
+    /// What of the run was shown live, while it ran: its report skips that.
+    pub(crate) live: Option<Box<Shown>>,
+}
+
+/// What of a run was shown while it ran.
+#[derive(Debug, Default)]
+pub(crate) struct Shown {
+    /// The indexes of its lines shown.
+    lines: HashSet<u64>,
+    /// When it started, in microseconds, if that was shown.
+    running: Option<i64>,
+}
+
+/// Shows a line of a run still running under its name, at the time it was written, or
+/// moves the run to `Running` at the time it started on its worker.
+pub(crate) fn live(pending: &mut PendingRun, line: LiveLine) {
+    let Some(time) = DateTime::<Utc>::from_timestamp_micros(line.micros) else { return };
+    let shown = pending.live.get_or_insert_with(Box::default);
+    match line.seq {
+        None => {
+            if shown.running.is_none() {
+                shown.running = Some(line.micros);
+                pending.run.set_state(State { timestamp: time, ..State::running() });
+            }
+        }
+        Some(seq) => {
+            let stream = match line.stream.as_bytes() {
+                b"o" => Stream::Stdout,
+                b"e" => Stream::Stderr,
+                [level @ b'1'..=b'9'] => Stream::Log(level - b'0'),
+                _ => return,
+            };
+            if shown.lines.insert(seq) {
+                let _entered = pending.run.span().enter();
+                replay(&OutputLine { time, stream, text: line.text });
+            }
+        }
+    }
 }
 
 /// Applies a run's report: replays its output under the run's name, then its states.
 pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData>) {
     let run = pending.run;
+    let shown = pending.live.unwrap_or_default();
     let pending = Cancelled { cancelled: pending.cancelled };
     let (report, inline_value) = match envelope::decode_report(report) {
         Ok(decoded) => decoded,
@@ -38,7 +80,8 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
     };
     {
         let _entered = run.span().enter();
-        report.output.iter().for_each(replay);
+        let unseen = report.output.iter().enumerate().filter(|(seq, _)| !shown.lines.contains(&(*seq as u64)));
+        unseen.for_each(|(_, line)| replay(line));
         if report.dropped_lines > 0 {
             tracing::warn!(
                 target: "prefect::task_runs",
@@ -57,6 +100,10 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
         last = State::cancelled(reason);
     }
     for state in states {
+        // The start shown live is not entered twice.
+        if state.is_running() && shown.running == Some(state.timestamp.timestamp_micros()) {
+            continue;
+        }
         run.set_state(state);
     }
     let value = if last.is_completed() { value } else { None };

@@ -278,7 +278,12 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
     let dependencies: Vec<TaskRun> = spec.upstreams.iter().chain(&spec.wait_for).cloned().collect();
     Some((
         function,
-        Call { pending: PendingRun { run: spec.run, dependencies, cancelled: None }, header, value_keys, report_keys },
+        Call {
+            pending: PendingRun { run: spec.run, dependencies, cancelled: None, live: None },
+            header,
+            value_keys,
+            report_keys,
+        },
     ))
 }
 

@@ -262,7 +262,49 @@ class StatsReply(NamedTuple):
     stats: BridgeStats
 
 
-Reply = Union[ClusterInfo, Fatal, Died, LogRecord, Done, BatchDone, Failed, ValueReply, NoValue, StatsReply]
+class LiveLine(NamedTuple):
+    """A marked line from a worker's log: a line a run wrote while it ran (``seq`` is its
+    index among the run's lines), or the mark that it started (``seq`` is None)."""
+
+    run: str
+    seq: int | None
+    micros: int
+    stream: str
+    text: str
+
+
+class Live(NamedTuple):
+    """Marked lines, as Ray's log streaming brought them."""
+
+    lines: list[LiveLine]
+
+
+LIVE_MARK = "[prefect-run "
+
+
+def parse_live(line: str) -> LiveLine | None:
+    """The marked line in ``line`` (which may carry Ray's own prefix), if there is one:
+    ``[prefect-run <run> <seq> <micros> <stream>] <text>`` or
+    ``[prefect-run <run> started <micros>]``."""
+    start = line.find(LIVE_MARK)
+    if start < 0:
+        return None
+    end = line.find("]", start)
+    if end < 0:
+        return None
+    fields = line[start + len(LIVE_MARK) : end].split(" ")
+    try:
+        if len(fields) == 3 and fields[1] == "started":
+            return LiveLine(fields[0], None, int(fields[2]), "", "")
+        if len(fields) == 4:
+            text = line[end + 2 :] if line[end + 1 : end + 2] == " " else line[end + 1 :]
+            return LiveLine(fields[0], int(fields[1]), int(fields[2]), fields[3], text.rstrip("\n"))
+    except ValueError:
+        return None
+    return None
+
+
+Reply = Union[ClusterInfo, Fatal, Died, LogRecord, Done, BatchDone, Failed, ValueReply, NoValue, StatsReply, Live]
 
 REPLY_NAMES: dict[type, str] = {
     ClusterInfo: "ready",
@@ -275,6 +317,7 @@ REPLY_NAMES: dict[type, str] = {
     ValueReply: "value",
     NoValue: "value_error",
     StatsReply: "stats",
+    Live: "live",
 }
 
 

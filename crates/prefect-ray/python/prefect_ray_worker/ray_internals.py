@@ -109,3 +109,32 @@ def check_versions(channel: Any, wait: float) -> None:
     mismatch = version_mismatch(metadata, ray.__version__, platform.python_version(), level)
     if mismatch:
         raise VersionMismatch(mismatch)
+
+
+def stream_live_output(send: Callable[[list[Any]], None], through_client: bool) -> None:
+    """Sends the marked lines of worker logs to `send` as Ray's log streaming brings them
+    to this driver (``log_to_driver``), instead of printing them; other lines are dropped.
+
+    Ray has no public hook for the lines it streams to a driver. Through a GCS address the
+    driver's log thread hands each batch to `global_worker_stdstream_dispatcher`, whose
+    printing handler is replaced here (call after ``ray.init``). Through Ray Client the lines
+    arrive in `LogstreamClient.stdstream`, replaced here (call before ``ray.init``)."""
+    from .protocol import parse_live
+
+    def forward(lines: Any) -> None:
+        marked = [line for line in (parse_live(str(text)) for text in lines) if line is not None]
+        if marked:
+            send(marked)
+
+    if through_client:
+        from ray.util.client.logsclient import LogstreamClient
+
+        def stdstream(self: Any, level: int, msg: str) -> None:
+            forward(msg.splitlines())
+
+        LogstreamClient.stdstream = stdstream
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("prefect_live", lambda data: forward(data.get("lines") or []))

@@ -30,6 +30,8 @@ from prefect_ray_worker.protocol import (
     Fatal,
     FatalKind,
     Get,
+    Live,
+    LiveLine,
     LogLevel,
     LogRecord,
     NoValue,
@@ -43,6 +45,7 @@ from prefect_ray_worker.protocol import (
     ValueReply,
     decode_command,
     frame,
+    parse_live,
     parts_header,
 )
 
@@ -83,6 +86,12 @@ REPLIES: dict[str, Reply] = {
     "value": ValueReply(12, bytes([COMPLETED, 0x2A])),
     "value_error": NoValue(12, "the value was already released"),
     "stats": StatsReply(13, BridgeStats(123_456_789, 4, 4321, "prefect", 17)),
+    "live": Live(
+        [
+            LiveLine("0" * 31 + "1", None, 1_800_000_000_000_000, "", ""),
+            LiveLine("0" * 31 + "1", 0, 1_800_000_000_000_001, "o", "training epoch 1"),
+        ]
+    ),
 }
 
 
@@ -145,3 +154,16 @@ def test_an_unknown_command_is_refused_by_name() -> None:
         decode_command({"launch": [1]})
     with pytest.raises(UnknownCommand, match="not a command"):
         decode_command([1, 2])
+
+
+def test_marked_lines_of_worker_logs_parse_with_or_without_rays_prefix() -> None:
+    run = "0" * 31 + "1"
+    assert parse_live(f"[prefect-run {run} 7 1800000000123456 3] hello [world]") == LiveLine(
+        run, 7, 1_800_000_000_123_456, "3", "hello [world]"
+    )
+    assert parse_live(f"(trampoline pid=42) [prefect-run {run} started 1800000000000000]") == LiveLine(
+        run, None, 1_800_000_000_000_000, "", ""
+    )
+    assert parse_live(f"[prefect-run {run} 0 1800000000000000 o] ") == LiveLine(run, 0, 1_800_000_000_000_000, "o", "")
+    assert parse_live("an unmarked line") is None
+    assert parse_live(f"[prefect-run {run} seven 1 o] text") is None

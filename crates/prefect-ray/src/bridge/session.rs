@@ -22,12 +22,14 @@ use super::launch::kill_group;
 use super::outbox::Outbox;
 use super::output::Output;
 use crate::error::RayError;
+use uuid::Uuid;
+
 use crate::protocol::MAX_COMMAND;
 use crate::protocol::envelope;
 use crate::protocol::frame::read_message;
 use crate::protocol::{
-    BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, FILE_LIMIT, Failed, Get,
-    MANY_RUNS, NoValue, ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
+    BatchDone, BridgeStats, Cancel, ClusterInfo, Command, Define, Dependencies, Done, FILE_LIMIT, Failed, Get, Live,
+    LiveLine, MANY_RUNS, NoValue, ONE_RUN, Release, Reply, Stats, StatsReply, Submit, SubmitBatch, ValueReply,
 };
 use crate::report::{self, PendingRun};
 use crate::shared_memory::{self, Blob};
@@ -497,8 +499,32 @@ impl Shared {
             Reply::ValueError(NoValue { request, message }) => self.answer(request, Err(message)),
             Reply::Stats(StatsReply { request, stats }) => self.answer(request, Ok(Answer::Stats(stats))),
             Reply::Log(record) => self.output.log(record),
+            Reply::Live(Live { lines }) => self.live(lines),
             Reply::Died(died) => self.output.died(died),
             Reply::Ready(_) | Reply::Fatal(..) | Reply::Bye => {}
+        }
+    }
+
+    /// Shows what runs still running wrote, under their names, and moves those that
+    /// started to `Running`. Lines of runs that have ended were in their reports already.
+    fn live(&self, lines: Vec<LiveLine>) {
+        let mut dispatch = lock(&self.dispatch);
+        // Lines come in runs of one run: the run is looked up when the id changes (a scan,
+        // so that runs that print nothing cost nothing).
+        let mut last: Option<(String, Option<u64>)> = None;
+        for line in lines {
+            let key = match &last {
+                Some((run, key)) if *run == line.run => *key,
+                _ => {
+                    let id = Uuid::parse_str(&line.run).ok();
+                    let key = id.and_then(|id| dispatch.runs.iter().find(|(_, p)| p.run.id() == id).map(|(k, _)| *k));
+                    last = Some((line.run.clone(), key));
+                    key
+                }
+            };
+            if let Some(pending) = key.and_then(|key| dispatch.runs.get_mut(&key)) {
+                report::live(pending, line);
+            }
         }
     }
 

@@ -76,9 +76,8 @@ pub(super) fn reply(out: &mut impl Write, batch: bool, outcomes: &[Outcome], con
 
 /// Runs one task run, taking its dependencies from `dependencies`.
 fn run<'a>(header: &[u8], dependencies: &mut impl Iterator<Item = &'a Blob>, output: &Output) -> Outcome {
-    output.begin();
     let mut states = Vec::new();
-    let value = execute(header, dependencies, &mut states);
+    let value = execute(header, dependencies, &mut states, output);
     let (lines, dropped_lines) = output.end();
     let report = RunReport { states, output: lines, dropped_lines, pid: std::process::id() };
     let value = match (value, report.states.last()) {
@@ -92,9 +91,13 @@ fn execute<'a>(
     header: &[u8],
     dependencies: &mut impl Iterator<Item = &'a Blob>,
     states: &mut Vec<State>,
+    output: &Output,
 ) -> Option<Vec<u8>> {
-    let header: CallHeader = match rmp_serde::from_slice(header) {
-        Ok(header) => header,
+    let header = match rmp_serde::from_slice::<CallHeader>(header) {
+        Ok(header) => {
+            output.begin(header.run_id);
+            header
+        }
         Err(error) => {
             states.push(State::crashed(format!("the worker sent a call this executor cannot read: {error}")));
             return None;
@@ -150,7 +153,12 @@ fn execute<'a>(
     }
     let args = assemble(&header.args, &upstream_values);
     let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
-    let execution = runner::execute(task, &args, &header.options, &span, &mut |state| states.push(state));
+    let execution = runner::execute(task, &args, &header.options, &span, &mut |state| {
+        if state.is_running() {
+            output.running(state.timestamp);
+        }
+        states.push(state);
+    });
     states.push(execution.state);
     execution.result
 }

@@ -1,16 +1,27 @@
 //! What a task writes while it runs, recorded per run: stdout and stderr (through pipes
-//! this process reads, and copies to the worker's own log), and `tracing` events.
+//! this process reads), and `tracing` events. Each recorded line is also copied to the
+//! worker's own stdout or stderr (Ray's log files), marked with its run, so that Ray's log
+//! streaming brings it to the program while the task runs ([`live`]); so is a mark that the
+//! run started, once it has run for [`ANNOUNCE_AFTER`] or writes its first line.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use chrono::Utc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
+use uuid::Uuid;
 
 use crate::protocol::envelope::{OutputLine, Stream};
+use crate::protocol::live;
+
+/// A run that is still running this long after it started is announced as running: a
+/// no-op task ends first, and costs no log line.
+const ANNOUNCE_AFTER: Duration = Duration::from_millis(200);
 
 /// How many lines of output one run keeps; the rest are counted and dropped.
 pub(crate) const MAX_OUTPUT_LINES: usize = 10_000;
@@ -22,10 +33,10 @@ pub(super) struct Output(Arc<Captured>);
 struct Captured {
     state: Mutex<CaptureState>,
     drained: Condvar,
+    /// Wakes the announcer when a run starts.
+    started: Condvar,
     /// The read ends of the stdout and stderr pipes, to tell whether anything is unread.
     pipes: Mutex<Vec<RawFd>>,
-    /// The worker's own stderr, where recorded events are copied for Ray's logs.
-    worker_stderr: Mutex<Option<File>>,
 }
 
 #[derive(Default)]
@@ -34,6 +45,22 @@ struct CaptureState {
     dropped: u64,
     /// The unfinished last line of stdout and of stderr.
     partial: [Vec<u8>; 2],
+    /// The worker's own stdout and stderr (Ray's log files), where lines are copied.
+    worker: [Option<File>; 2],
+    /// The run in progress, if any.
+    run: Option<LiveRun>,
+    /// Whether the announcer waits for a run to start (then a start wakes it; while it
+    /// waits for a deadline, starts need not, which keeps a stream of short runs cheap).
+    announcer_parked: bool,
+}
+
+/// The run in progress, as far as its live output goes.
+struct LiveRun {
+    id: Uuid,
+    /// When it entered `Running`, and since when by this process's clock.
+    running: Option<(DateTime<Utc>, Instant)>,
+    /// Whether the worker's log says it started.
+    announced: bool,
 }
 
 impl Output {
@@ -43,22 +70,22 @@ impl Output {
         let output = Output(Arc::new(Captured {
             state: Mutex::default(),
             drained: Condvar::new(),
+            started: Condvar::new(),
             pipes: Mutex::default(),
-            worker_stderr: Mutex::new(None),
         }));
         for (index, (fd, stream)) in [(1, Stream::Stdout), (2, Stream::Stderr)].into_iter().enumerate() {
             match redirect(fd) {
                 Ok((pipe, original)) => {
-                    if fd == 2 {
-                        *output.0.worker_stderr.lock().unwrap_or_else(|p| p.into_inner()) = original.try_clone().ok();
-                    }
+                    output.lock().worker[index] = Some(original);
                     output.0.pipes.lock().unwrap_or_else(|p| p.into_inner()).push(pipe.as_raw_fd());
                     let output = output.clone();
-                    std::thread::spawn(move || output.pump(index, stream, pipe, original));
+                    std::thread::spawn(move || output.pump(index, stream, pipe));
                 }
                 Err(error) => eprintln!("prefect-ray executor: output of tasks will not be captured: {error}"),
             }
         }
+        let announcer = output.clone();
+        std::thread::spawn(move || announcer.announce());
         output
     }
 
@@ -68,7 +95,7 @@ impl Output {
 
     /// Reads one captured stream: waits for data without the lock, then reads all there is
     /// and records whole lines with the lock held, so `end` can tell when nothing is pending.
-    fn pump(&self, index: usize, stream: Stream, mut pipe: File, mut original: File) {
+    fn pump(&self, index: usize, stream: Stream, mut pipe: File) {
         let mut buffer = vec![0u8; 1 << 16];
         loop {
             let mut poll = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -85,7 +112,6 @@ impl Output {
                         break;
                     }
                     Ok(read) => {
-                        let _ = original.write_all(&buffer[..read]);
                         state.partial[index].extend_from_slice(&buffer[..read]);
                         while let Some(end) = state.partial[index].iter().position(|&b| b == b'\n') {
                             let line: Vec<u8> = state.partial[index].drain(..=end).collect();
@@ -113,10 +139,49 @@ impl Output {
         self.lock().record(stream, text);
     }
 
-    pub(super) fn begin(&self) {
+    /// A run starts: what is written from now on is its own.
+    pub(super) fn begin(&self, run: Uuid) {
         let mut state = self.lock();
         state.lines.clear();
         state.dropped = 0;
+        state.run = Some(LiveRun { id: run, running: None, announced: false });
+    }
+
+    /// The run entered `Running` at `at`: announced once it has run a while.
+    pub(super) fn running(&self, at: DateTime<Utc>) {
+        let mut state = self.lock();
+        if let Some(run) = state.run.as_mut() {
+            run.running = Some((at, Instant::now()));
+        }
+        if state.announcer_parked {
+            self.0.started.notify_all();
+        }
+    }
+
+    /// Marks in the worker's log the runs that have run for [`ANNOUNCE_AFTER`].
+    fn announce(&self) {
+        let mut state = self.lock();
+        loop {
+            let due = match &state.run {
+                Some(LiveRun { running: Some((_, since)), announced: false, .. }) => {
+                    Some(ANNOUNCE_AFTER.saturating_sub(since.elapsed()))
+                }
+                _ => None,
+            };
+            state = match due {
+                Some(wait) if wait.is_zero() => {
+                    state.announce_run();
+                    state
+                }
+                Some(wait) => self.0.started.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0,
+                None => {
+                    state.announcer_parked = true;
+                    let mut state = self.0.started.wait(state).unwrap_or_else(|p| p.into_inner());
+                    state.announcer_parked = false;
+                    state
+                }
+            };
+        }
     }
 
     /// The run's lines, once everything it wrote has been read: nothing is left in the pipes
@@ -141,16 +206,45 @@ impl Output {
                 state.record(stream, text);
             }
         }
+        state.run = None;
         (std::mem::take(&mut state.lines), std::mem::take(&mut state.dropped))
     }
 }
 
 impl CaptureState {
+    /// Records a line of the run in progress, and copies it to the worker's log: marked
+    /// with its run if it is recorded, as it is otherwise.
     fn record(&mut self, stream: Stream, text: String) {
-        if self.lines.len() >= MAX_OUTPUT_LINES {
-            self.dropped += 1;
+        let time = Utc::now();
+        let seq = self.lines.len();
+        let recorded = seq < MAX_OUTPUT_LINES;
+        let copy = match (&self.run, recorded) {
+            (Some(run), true) => {
+                let id = run.id;
+                self.announce_run();
+                live::line(id, seq, time, stream, &text)
+            }
+            _ => format!("{text}\n"),
+        };
+        let index = usize::from(!matches!(stream, Stream::Stdout));
+        if let Some(worker) = self.worker[index].as_mut() {
+            let _ = worker.write_all(copy.as_bytes());
+        }
+        if recorded {
+            self.lines.push(OutputLine { time, stream, text });
         } else {
-            self.lines.push(OutputLine { time: Utc::now(), stream, text });
+            self.dropped += 1;
+        }
+    }
+
+    /// Says in the worker's log that the run in progress started, once.
+    fn announce_run(&mut self) {
+        let Some(run) = self.run.as_mut().filter(|run| !run.announced) else { return };
+        let Some((at, _)) = run.running else { return };
+        run.announced = true;
+        let mark = live::started(run.id, at);
+        if let Some(worker) = self.worker[1].as_mut() {
+            let _ = worker.write_all(mark.as_bytes());
         }
     }
 }
@@ -199,11 +293,7 @@ impl<S: Subscriber> Layer<S> for RecordEvents {
             tracing::Level::DEBUG => 4,
             tracing::Level::TRACE => 5,
         };
-        let text = prefect::logging::event_message(event);
-        if let Some(stderr) = self.0.0.worker_stderr.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            let _ = writeln!(stderr, "{} {text}", event.metadata().level());
-        }
-        self.0.record(Stream::Log(level), text);
+        self.0.record(Stream::Log(level), prefect::logging::event_message(event));
     }
 }
 

@@ -132,6 +132,27 @@ fn golden_replies() {
                 message: "a warning from Ray".into(),
             }),
         ),
+        (
+            "live",
+            Reply::Live(Live {
+                lines: vec![
+                    LiveLine {
+                        run: "0".repeat(31) + "1",
+                        seq: None,
+                        micros: 1_800_000_000_000_000,
+                        stream: String::new(),
+                        text: String::new(),
+                    },
+                    LiveLine {
+                        run: "0".repeat(31) + "1",
+                        seq: Some(0),
+                        micros: 1_800_000_000_000_001,
+                        stream: "o".into(),
+                        text: "training epoch 1".into(),
+                    },
+                ],
+            }),
+        ),
         ("done", Reply::Done(Done { key: 70_000, report: call(&[COMPLETED, 1, 0, 0, 0, 0x90]) })),
         (
             "batch_done",

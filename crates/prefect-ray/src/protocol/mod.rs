@@ -13,6 +13,7 @@ pub(crate) mod envelope;
 pub(crate) mod frame;
 #[cfg(test)]
 mod golden;
+pub(crate) mod live;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -201,6 +202,8 @@ pub(crate) enum Reply {
     ValueError(NoValue),
     /// The answer to a [`Stats`].
     Stats(StatsReply),
+    /// Output and starts of runs still running, as Ray's log streaming brought them.
+    Live(Live),
     /// The bridge is exiting: its last reply.
     Bye,
 }
@@ -279,6 +282,29 @@ pub(crate) struct LogRecord {
     pub(crate) target: String,
     /// The formatted message.
     pub(crate) message: String,
+}
+
+/// Fields of [`Reply::Live`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Live {
+    /// In the order they arrived.
+    pub(crate) lines: Vec<LiveLine>,
+}
+
+/// A marked line from a worker's log (see [`live`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LiveLine {
+    /// The task run's id, as 32 hex digits.
+    pub(crate) run: String,
+    /// The line's index among the run's lines; `None` for the mark that the run started.
+    pub(crate) seq: Option<u64>,
+    /// When it was written (or the run started), in microseconds since the epoch, on the
+    /// worker's clock.
+    pub(crate) micros: i64,
+    /// `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`; empty for a start.
+    pub(crate) stream: String,
+    /// The text; empty for a start.
+    pub(crate) text: String,
 }
 
 /// Fields of [`Reply::Done`].

@@ -1,0 +1,47 @@
+//! Live output: how an executor marks the lines it copies to its Ray worker's log, so that
+//! Ray's own log streaming carries them to the bridge while the task runs, attributed to
+//! their task run (see PROTOCOL.md, "Live output").
+//!
+//! A line of a run: `[prefect-run <run id> <seq> <microseconds> <stream>] <text>`, where
+//! `seq` is its index among the run's recorded lines (the same index as in the run's
+//! report) and `stream` is `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`. That a
+//! run started: `[prefect-run <run id> started <microseconds>]`.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::envelope::Stream;
+
+/// What starts every marked line.
+pub(crate) const MARK: &str = "[prefect-run ";
+
+/// A recorded line of run `run`, as copied to the worker's log.
+pub(crate) fn line(run: Uuid, seq: usize, time: DateTime<Utc>, stream: Stream, text: &str) -> String {
+    let stream = match stream {
+        Stream::Stdout => 'o',
+        Stream::Stderr => 'e',
+        Stream::Log(level) => char::from(b'0' + level.min(9)),
+    };
+    format!("{MARK}{} {seq} {} {stream}] {text}\n", run.simple(), time.timestamp_micros())
+}
+
+/// The line that says run `run` started at `at`.
+pub(crate) fn started(run: Uuid, at: DateTime<Utc>) -> String {
+    format!("{MARK}{} started {}]\n", run.simple(), at.timestamp_micros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_name_the_run_the_index_the_time_and_the_stream() {
+        let run = Uuid::from_u128(0x1234);
+        let at = DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap();
+        assert_eq!(
+            line(run, 7, at, Stream::Log(3), "hello [world]"),
+            "[prefect-run 00000000000000000000000000001234 7 1800000000123456 3] hello [world]\n"
+        );
+        assert_eq!(started(run, at), "[prefect-run 00000000000000000000000000001234 started 1800000000123456]\n");
+    }
+}

@@ -1,0 +1,135 @@
+//! What a task on Ray writes reaches the program (and a Prefect server) while the task
+//! runs, and so does its start: on a temporary instance, through a GCS address and through
+//! Ray Client.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prefect::observe::{LogRecord, RunObserver, TaskRunInfo};
+use prefect::reporting::api::Client;
+use prefect::reporting::api::testing::TestServer;
+use prefect::{State, flow, task};
+use prefect_ray::RayTaskRunner;
+use serde_json::json;
+use support::{Cluster, cluster};
+use uuid::Uuid;
+
+/// When each line and state of a task run reached this program.
+#[derive(Default)]
+struct Arrivals(Mutex<Vec<(Uuid, String, Instant)>>);
+
+impl RunObserver for Arrivals {
+    fn task_run_state(&self, info: &TaskRunInfo, state: &State) {
+        let what = format!("state {:?}", state.state_type);
+        self.0.lock().unwrap().push((info.id, what, Instant::now()));
+    }
+    fn log(&self, record: &LogRecord) {
+        if let Some(run) = record.task_run_id {
+            self.0.lock().unwrap().push((run, record.message.clone(), Instant::now()));
+        }
+    }
+}
+
+impl Arrivals {
+    fn at(&self, run: Uuid, what: &str) -> Option<Instant> {
+        self.0.lock().unwrap().iter().find(|(id, text, _)| *id == run && text == what).map(|(_, _, at)| *at)
+    }
+}
+
+fn arrivals() -> &'static Arc<Arrivals> {
+    static ARRIVALS: std::sync::OnceLock<Arc<Arrivals>> = std::sync::OnceLock::new();
+    ARRIVALS.get_or_init(|| {
+        let arrivals = Arc::new(Arrivals::default());
+        prefect::observe::add_observer(arrivals.clone());
+        arrivals
+    })
+}
+
+#[task]
+fn slow_talker(name: String) -> u32 {
+    println!("{name}: first");
+    std::thread::sleep(Duration::from_secs(3));
+    eprintln!("{name}: second");
+    7
+}
+
+#[flow(task_runner = match cluster {
+    None => RayTaskRunner::new(),
+    Some(cluster) if through_client => cluster.client_runner(),
+    Some(cluster) => cluster.runner(),
+})]
+fn talk(cluster: Option<&Cluster>, through_client: bool, name: String, ids: std::sync::mpsc::Sender<Uuid>) -> u32 {
+    let future = slow_talker.submit(name);
+    ids.send(future.task_run_id()).unwrap();
+    future.result().unwrap()
+}
+
+/// Runs `talk` on a temporary instance or `cluster`; checks that the first line and the start arrived here, and on
+/// the server, well before the task ended.
+fn first_line_arrives_while_the_task_runs(cluster: Option<&Cluster>, through_client: bool, name: &str) {
+    let arrivals = arrivals();
+    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+
+    let (ids, id) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let flow = scope.spawn(|| talk(cluster, through_client, name.to_owned(), ids));
+        let run = id.recv().unwrap();
+        // On the server while the task runs: its first line, and its Running state.
+        let first = format!("{name}: first");
+        let mut on_server = None;
+        let mut running_on_server = None;
+        let started = Instant::now();
+        while !flow.is_finished() && (on_server.is_none() || running_on_server.is_none()) {
+            let logs = client.post("/logs/filter", &json!({"logs": {"task_run_id": {"any_": [run]}}})).unwrap();
+            if on_server.is_none() && logs.as_array().unwrap().iter().any(|log| log["message"] == first.as_str()) {
+                on_server = Some(Instant::now());
+            }
+            let state = client.get(&format!("/task_runs/{run}")).ok().map(|r| r["state_type"].clone());
+            if running_on_server.is_none() && state.is_some_and(|s| s == "RUNNING") {
+                running_on_server = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(started.elapsed() < Duration::from_secs(120));
+        }
+        assert_eq!(flow.join().unwrap().unwrap(), 7);
+
+        let ended = arrivals.at(run, "state Completed").expect("the run completed");
+        let shown = arrivals.at(run, &first).expect("the first line was shown");
+        let running = arrivals.at(run, "state Running").expect("the run was Running");
+        let second = arrivals.at(run, &format!("{name}: second")).expect("the second line was shown");
+        // The task slept 3 s between its lines: the first must have come well before its end.
+        assert!(
+            ended.duration_since(shown) > Duration::from_millis(1500),
+            "first line {:?} before the end",
+            ended - shown
+        );
+        assert!(
+            ended.duration_since(running) > Duration::from_millis(1500),
+            "Running {:?} before the end",
+            ended - running
+        );
+        assert!(second <= ended + Duration::from_secs(1));
+        assert!(on_server.is_some(), "the first line reached the server before the task ended");
+        assert!(running_on_server.is_some(), "the task run was Running on the server before it ended");
+        // Each line once, though it came live and again in the run's report.
+        let count = arrivals.0.lock().unwrap().iter().filter(|(id, text, _)| *id == run && *text == first).count();
+        assert_eq!(count, 1);
+    });
+}
+
+#[test]
+fn output_arrives_while_the_task_runs_on_a_temporary_instance() {
+    first_line_arrives_while_the_task_runs(None, false, "temporary");
+}
+
+#[test]
+fn output_arrives_while_the_task_runs_through_a_gcs_address_and_ray_client() {
+    let cluster = cluster();
+    first_line_arrives_while_the_task_runs(Some(&cluster), false, "gcs");
+    first_line_arrives_while_the_task_runs(Some(&cluster), true, "client");
+}
