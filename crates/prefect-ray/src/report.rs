@@ -26,12 +26,80 @@ pub(crate) struct PendingRun {
 }
 
 /// What of a run was shown while it ran.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Shown {
-    /// The indexes of its lines shown.
-    lines: HashSet<u64>,
+    /// The lines shown: the executor's process id and the line's index.
+    lines: HashSet<(u32, u64)>,
     /// When it started, in microseconds, if that was shown.
     running: Option<i64>,
+}
+
+/// Runs that ended without completing, kept a while: a run whose executor died has no
+/// report, and what it wrote just before may come after its end.
+#[derive(Default)]
+pub(crate) struct Recent(std::collections::VecDeque<Ended>);
+
+/// A run that ended without completing, as far as its late lines go.
+pub(crate) struct Ended {
+    id: uuid::Uuid,
+    span: tracing::Span,
+    shown: Shown,
+    run: TaskRun,
+}
+
+impl Ended {
+    /// What a late line of `pending` needs, taken before the run ends.
+    pub(crate) fn of(pending: &PendingRun) -> Self {
+        Self {
+            id: pending.run.id(),
+            span: pending.run.span().clone(),
+            shown: pending.live.as_deref().cloned().unwrap_or_default(),
+            run: pending.run.run().clone(),
+        }
+    }
+}
+
+impl Ended {
+    /// Whether the run completed (its lines were all in its report).
+    pub(crate) fn completed(&self) -> bool {
+        self.run.state().is_completed()
+    }
+}
+
+impl Recent {
+    /// How many ended runs are kept.
+    const KEPT: usize = 256;
+
+    /// Keeps `ended`, dropping the oldest kept beyond [`Self::KEPT`].
+    pub(crate) fn keep(&mut self, ended: Ended) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(ended);
+    }
+
+    /// Shows a late line of a run kept here; returns whether the run was.
+    pub(crate) fn show(&mut self, run: uuid::Uuid, line: &LiveLine) -> bool {
+        let Some(ended) = self.0.iter_mut().find(|ended| ended.id == run) else { return false };
+        let (Some(seq), Some(output)) = (line.seq, output_line(line)) else { return true };
+        if ended.shown.lines.insert((line.pid, seq)) {
+            let _entered = ended.span.enter();
+            replay(&output);
+        }
+        true
+    }
+}
+
+/// A live line as an output line; `None` for a start, or a stream this side does not know.
+fn output_line(line: &LiveLine) -> Option<OutputLine> {
+    let time = DateTime::<Utc>::from_timestamp_micros(line.micros)?;
+    let stream = match line.stream.as_bytes() {
+        b"o" => Stream::Stdout,
+        b"e" => Stream::Stderr,
+        [level @ b'1'..=b'9'] => Stream::Log(level - b'0'),
+        _ => return None,
+    };
+    Some(OutputLine { time, stream, text: line.text.clone() })
 }
 
 /// Shows a line of a run still running under its name, at the time it was written, or
@@ -47,15 +115,10 @@ pub(crate) fn live(pending: &mut PendingRun, line: LiveLine) {
             }
         }
         Some(seq) => {
-            let stream = match line.stream.as_bytes() {
-                b"o" => Stream::Stdout,
-                b"e" => Stream::Stderr,
-                [level @ b'1'..=b'9'] => Stream::Log(level - b'0'),
-                _ => return,
-            };
-            if shown.lines.insert(seq) {
+            let Some(output) = output_line(&line) else { return };
+            if shown.lines.insert((line.pid, seq)) {
                 let _entered = pending.run.span().enter();
-                replay(&OutputLine { time, stream, text: line.text });
+                replay(&output);
             }
         }
     }
@@ -80,7 +143,8 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
     };
     {
         let _entered = run.span().enter();
-        let unseen = report.output.iter().enumerate().filter(|(seq, _)| !shown.lines.contains(&(*seq as u64)));
+        let pid = report.pid;
+        let unseen = report.output.iter().enumerate().filter(|(seq, _)| !shown.lines.contains(&(pid, *seq as u64)));
         unseen.for_each(|(_, line)| replay(line));
         if report.dropped_lines > 0 {
             tracing::warn!(

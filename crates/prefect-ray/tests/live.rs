@@ -133,3 +133,51 @@ fn output_arrives_while_the_task_runs_through_a_gcs_address_and_ray_client() {
     first_line_arrives_while_the_task_runs(Some(&cluster), false, "gcs");
     first_line_arrives_while_the_task_runs(Some(&cluster), true, "client");
 }
+
+/// Ray would retry a run whose executor died: this one must end with its executor.
+#[task(max_retries = 0)]
+fn before_the_kill(name: String) {
+    println!("{name}: before the kill");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// The executor is killed once its run shows `Running` here (half a second after it wrote
+/// its line): the line reaches the program and the server, though the run has no report.
+#[test]
+fn what_a_task_wrote_before_its_executor_was_killed_still_arrives() {
+    let arrivals = arrivals();
+    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+
+    #[flow(task_runner = RayTaskRunner::new())]
+    fn killed(ids: std::sync::mpsc::Sender<Uuid>) -> prefect::StateType {
+        let future = before_the_kill.submit("killed".to_owned());
+        ids.send(future.task_run_id()).unwrap();
+        future.wait(None);
+        future.state().state_type
+    }
+    let (ids, id) = std::sync::mpsc::channel();
+    let flow = std::thread::spawn(move || killed(ids));
+    let run = id.recv().unwrap();
+    assert!(support::eventually(Duration::from_secs(120), || arrivals.at(run, "state Running").is_some()));
+    let executors = support::executors_below(std::process::id());
+    assert_eq!(executors.len(), 1, "one executor runs the task");
+    // SAFETY: kills an executor of this test's own temporary Ray instance.
+    unsafe { libc::kill(executors[0] as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(flow.join().unwrap().unwrap(), prefect::StateType::Crashed);
+
+    let line = "killed: before the kill";
+    assert!(
+        support::eventually(Duration::from_secs(15), || arrivals.at(run, line).is_some()),
+        "the line written before the executor was killed reached the program"
+    );
+    assert!(
+        support::eventually(Duration::from_secs(15), || {
+            let logs = client.post("/logs/filter", &json!({"logs": {"task_run_id": {"any_": [run]}}})).unwrap();
+            logs.as_array().unwrap().iter().any(|log| log["message"] == line)
+        }),
+        "and the server"
+    );
+}

@@ -267,6 +267,7 @@ class LiveLine(NamedTuple):
     index among the run's lines), or the mark that it started (``seq`` is None)."""
 
     run: str
+    pid: int
     seq: int | None
     micros: int
     stream: str
@@ -284,8 +285,8 @@ LIVE_MARK = "[prefect-run "
 
 def parse_live(line: str) -> LiveLine | None:
     """The marked line in ``line`` (which may carry Ray's own prefix), if there is one:
-    ``[prefect-run <run> <seq> <micros> <stream>] <text>`` or
-    ``[prefect-run <run> started <micros>]``."""
+    ``[prefect-run <run> <pid> <seq> <micros> <stream>] <text>`` or
+    ``[prefect-run <run> <pid> started <micros>]``."""
     start = line.find(LIVE_MARK)
     if start < 0:
         return None
@@ -294,11 +295,11 @@ def parse_live(line: str) -> LiveLine | None:
         return None
     fields = line[start + len(LIVE_MARK) : end].split(" ")
     try:
-        if len(fields) == 3 and fields[1] == "started":
-            return LiveLine(fields[0], None, int(fields[2]), "", "")
-        if len(fields) == 4:
+        if len(fields) == 4 and fields[2] == "started":
+            return LiveLine(fields[0], int(fields[1]), None, int(fields[3]), "", "")
+        if len(fields) == 5:
             text = line[end + 2 :] if line[end + 1 : end + 2] == " " else line[end + 1 :]
-            return LiveLine(fields[0], int(fields[1]), int(fields[2]), fields[3], text.rstrip("\n"))
+            return LiveLine(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[4], text.rstrip("\n"))
     except ValueError:
         return None
     return None

@@ -88,8 +88,8 @@ REPLIES: dict[str, Reply] = {
     "stats": StatsReply(13, BridgeStats(123_456_789, 4, 4321, "prefect", 17)),
     "live": Live(
         [
-            LiveLine("0" * 31 + "1", None, 1_800_000_000_000_000, "", ""),
-            LiveLine("0" * 31 + "1", 0, 1_800_000_000_000_001, "o", "training epoch 1"),
+            LiveLine("0" * 31 + "1", 4321, None, 1_800_000_000_000_000, "", ""),
+            LiveLine("0" * 31 + "1", 4321, 0, 1_800_000_000_000_001, "o", "training epoch 1"),
         ]
     ),
 }
@@ -158,12 +158,12 @@ def test_an_unknown_command_is_refused_by_name() -> None:
 
 def test_marked_lines_of_worker_logs_parse_with_or_without_rays_prefix() -> None:
     run = "0" * 31 + "1"
-    assert parse_live(f"[prefect-run {run} 7 1800000000123456 3] hello [world]") == LiveLine(
-        run, 7, 1_800_000_000_123_456, "3", "hello [world]"
+    assert parse_live(f"[prefect-run {run} 42 7 1800000000123456 3] hello [world]") == LiveLine(
+        run, 42, 7, 1_800_000_000_123_456, "3", "hello [world]"
     )
-    assert parse_live(f"(trampoline pid=42) [prefect-run {run} started 1800000000000000]") == LiveLine(
-        run, None, 1_800_000_000_000_000, "", ""
+    assert parse_live(f"(trampoline pid=42) [prefect-run {run} 42 started 1800000000000000]") == LiveLine(
+        run, 42, None, 1_800_000_000_000_000, "", ""
     )
-    assert parse_live(f"[prefect-run {run} 0 1800000000000000 o] ") == LiveLine(run, 0, 1_800_000_000_000_000, "o", "")
+    assert parse_live(f"[prefect-run {run} 42 0 1800000000000000 o] ") == LiveLine(run, 42, 0, 1_800_000_000_000_000, "o", "")
     assert parse_live("an unmarked line") is None
-    assert parse_live(f"[prefect-run {run} seven 1 o] text") is None
+    assert parse_live(f"[prefect-run {run} 42 seven 1 o] text") is None

@@ -70,6 +70,8 @@ struct Dispatch {
     /// Why the session ended, once it has: set under the same lock that admits runs, so no
     /// run is admitted after its runs were failed.
     closed: Option<String>,
+    /// Runs that ended without completing, for what they wrote just before.
+    recent: report::Recent,
 }
 
 /// The bridge's answer to a request.
@@ -486,7 +488,9 @@ impl Shared {
             },
             Reply::Failed(Failed { key, kind, message }) => {
                 if let Some(pending) = self.take_run(key) {
+                    let ended = report::Ended::of(&pending);
                     report::fail(pending, kind, message);
+                    lock(&self.dispatch).recent.keep(ended);
                 }
             }
             Reply::Value(ValueReply { request, blob }) => {
@@ -522,8 +526,13 @@ impl Shared {
                     key
                 }
             };
-            if let Some(pending) = key.and_then(|key| dispatch.runs.get_mut(&key)) {
-                report::live(pending, line);
+            match key.and_then(|key| dispatch.runs.get_mut(&key)) {
+                Some(pending) => report::live(pending, line),
+                None => {
+                    if let Ok(id) = Uuid::parse_str(&line.run) {
+                        dispatch.recent.show(id, &line);
+                    }
+                }
             }
         }
     }
@@ -531,7 +540,11 @@ impl Shared {
     fn done(&self, key: u64, report: &[u8]) {
         if let Some(pending) = self.take_run(key) {
             let value = pending.run.runner_data::<RayObject>().map(|object| ResultData::Remote(object));
+            let ended = report::Ended::of(&pending);
             report::apply(pending, report, value);
+            if !ended.completed() {
+                lock(&self.dispatch).recent.keep(ended);
+            }
         }
     }
 

@@ -138,6 +138,7 @@ fn golden_replies() {
                 lines: vec![
                     LiveLine {
                         run: "0".repeat(31) + "1",
+                        pid: 4321,
                         seq: None,
                         micros: 1_800_000_000_000_000,
                         stream: String::new(),
@@ -145,6 +146,7 @@ fn golden_replies() {
                     },
                     LiveLine {
                         run: "0".repeat(31) + "1",
+                        pid: 4321,
                         seq: Some(0),
                         micros: 1_800_000_000_000_001,
                         stream: "o".into(),

@@ -2,10 +2,11 @@
 //! Ray's own log streaming carries them to the bridge while the task runs, attributed to
 //! their task run (see PROTOCOL.md, "Live output").
 //!
-//! A line of a run: `[prefect-run <run id> <seq> <microseconds> <stream>] <text>`, where
-//! `seq` is its index among the run's recorded lines (the same index as in the run's
-//! report) and `stream` is `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`. That a
-//! run started: `[prefect-run <run id> started <microseconds>]`.
+//! A line of a run: `[prefect-run <run id> <pid> <seq> <microseconds> <stream>] <text>`,
+//! where `pid` is the executor's (an attempt that Ray retries runs in another), `seq` the
+//! line's index among the attempt's recorded lines (the same index as in its report) and
+//! `stream` is `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`. That a run started:
+//! `[prefect-run <run id> <pid> started <microseconds>]`.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -22,12 +23,12 @@ pub(crate) fn line(run: Uuid, seq: usize, time: DateTime<Utc>, stream: Stream, t
         Stream::Stderr => 'e',
         Stream::Log(level) => char::from(b'0' + level.min(9)),
     };
-    format!("{MARK}{} {seq} {} {stream}] {text}\n", run.simple(), time.timestamp_micros())
+    format!("{MARK}{} {} {seq} {} {stream}] {text}\n", run.simple(), std::process::id(), time.timestamp_micros())
 }
 
 /// The line that says run `run` started at `at`.
 pub(crate) fn started(run: Uuid, at: DateTime<Utc>) -> String {
-    format!("{MARK}{} started {}]\n", run.simple(), at.timestamp_micros())
+    format!("{MARK}{} {} started {}]\n", run.simple(), std::process::id(), at.timestamp_micros())
 }
 
 #[cfg(test)]
@@ -38,10 +39,14 @@ mod tests {
     fn marks_name_the_run_the_index_the_time_and_the_stream() {
         let run = Uuid::from_u128(0x1234);
         let at = DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap();
+        let pid = std::process::id();
         assert_eq!(
             line(run, 7, at, Stream::Log(3), "hello [world]"),
-            "[prefect-run 00000000000000000000000000001234 7 1800000000123456 3] hello [world]\n"
+            format!("[prefect-run 00000000000000000000000000001234 {pid} 7 1800000000123456 3] hello [world]\n")
         );
-        assert_eq!(started(run, at), "[prefect-run 00000000000000000000000000001234 started 1800000000123456]\n");
+        assert_eq!(
+            started(run, at),
+            format!("[prefect-run 00000000000000000000000000001234 {pid} started 1800000000123456]\n")
+        );
     }
 }

@@ -296,6 +296,8 @@ pub(crate) struct Live {
 pub(crate) struct LiveLine {
     /// The task run's id, as 32 hex digits.
     pub(crate) run: String,
+    /// The executor's process id: each attempt Ray makes runs in its own.
+    pub(crate) pid: u32,
     /// The line's index among the run's lines; `None` for the mark that the run started.
     pub(crate) seq: Option<u64>,
     /// When it was written (or the run started), in microseconds since the epoch, on the
