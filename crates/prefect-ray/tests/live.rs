@@ -181,3 +181,57 @@ fn what_a_task_wrote_before_its_executor_was_killed_still_arrives() {
         "and the server"
     );
 }
+
+#[task]
+fn flood(lines: u32) -> u32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for line in 0..lines {
+        let _ = writeln!(out, "line {line} of a flood");
+    }
+    lines
+}
+
+/// A million lines: the run keeps (and shows) its first 10,000 and says how many more
+/// were dropped; neither the program nor the bridge grows with the flood.
+#[test]
+fn a_flood_of_output_is_capped_counted_and_keeps_memory_bounded() {
+    use prefect_ray::diagnostics::{bridge_stats, peak_rss_bytes};
+    let arrivals = arrivals();
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn flooding(cluster: &Cluster) -> (Uuid, u64, u64, u64, u64) {
+        let warm = flood.submit(10);
+        warm.wait(None);
+        let (program_before, bridge_before) = (peak_rss_bytes(), bridge_stats().unwrap().peak_rss_bytes);
+        let future = flood.submit(1_000_000);
+        assert_eq!(future.result().unwrap(), 1_000_000);
+        (future.task_run_id(), program_before, bridge_before, peak_rss_bytes(), bridge_stats().unwrap().peak_rss_bytes)
+    }
+    let (run, program_before, bridge_before, program_after, bridge_after) = flooding(&cluster).unwrap();
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    println!(
+        "program peak {:.0} -> {:.0} MB, bridge peak {:.0} -> {:.0} MB",
+        mb(program_before),
+        mb(program_after),
+        mb(bridge_before),
+        mb(bridge_after)
+    );
+    assert!(
+        program_after - program_before < 100_000_000,
+        "the program grew by {:.0} MB",
+        mb(program_after - program_before)
+    );
+    assert!(
+        bridge_after - bridge_before < 100_000_000,
+        "the bridge grew by {:.0} MB",
+        mb(bridge_after - bridge_before)
+    );
+    let shown =
+        arrivals.0.lock().unwrap().iter().filter(|(id, text, _)| *id == run && text.ends_with("of a flood")).count();
+    assert_eq!(shown, 10_000, "the run's first 10,000 lines were shown, once each");
+    assert!(
+        arrivals.at(run, "990000 more line(s) of output were dropped: a run keeps at most 10000 lines").is_some(),
+        "the count of dropped lines was reported"
+    );
+}
