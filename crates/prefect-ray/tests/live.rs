@@ -152,11 +152,15 @@ fn what_a_task_wrote_before_its_executor_was_killed_still_arrives() {
     let client = Client::new(&api_url);
 
     #[flow(task_runner = RayTaskRunner::new())]
-    fn killed(ids: std::sync::mpsc::Sender<Uuid>) -> prefect::StateType {
+    fn killed(ids: std::sync::mpsc::Sender<Uuid>) -> (State, String) {
         let future = before_the_kill.submit("killed".to_owned());
         ids.send(future.task_run_id()).unwrap();
         future.wait(None);
-        future.state().state_type
+        let state = future.state();
+        // The message says where Ray keeps the worker's log (while the instance lives).
+        let message = state.message.clone().unwrap_or_default();
+        let log = message.split("its output is in Ray's log ").nth(1).unwrap_or_else(|| panic!("{message}"));
+        (state, std::fs::read_to_string(log.trim()).unwrap())
     }
     let (ids, id) = std::sync::mpsc::channel();
     let flow = std::thread::spawn(move || killed(ids));
@@ -166,7 +170,9 @@ fn what_a_task_wrote_before_its_executor_was_killed_still_arrives() {
     assert_eq!(executors.len(), 1, "one executor runs the task");
     // SAFETY: kills an executor of this test's own temporary Ray instance.
     unsafe { libc::kill(executors[0] as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(flow.join().unwrap().unwrap(), prefect::StateType::Crashed);
+    let (state, log) = flow.join().unwrap().unwrap();
+    assert_eq!(state.state_type, prefect::StateType::Crashed);
+    assert!(log.contains("killed: before the kill"), "the worker's log has what the executor wrote: {log}");
 
     let line = "killed: before the kill";
     assert!(

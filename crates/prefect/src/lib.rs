@@ -17,6 +17,7 @@ mod names;
 pub mod observe;
 mod options;
 mod panic;
+mod progress;
 mod registry;
 #[cfg(feature = "reporting")]
 pub mod reporting;

@@ -25,6 +25,10 @@ use uuid::Uuid;
 
 use crate::observe::{self, LogRecord};
 
+/// The writer of the default subscriber: stderr, above the live progress lines (see
+/// `PREFECT_PROGRESS`). A program with its own `fmt` layer passes it to `with_writer`.
+pub use crate::progress::{ConsoleLine, ConsoleWriter};
+
 /// Which run a span stands for.
 #[derive(Clone, Debug)]
 struct RunLabel {
@@ -232,7 +236,7 @@ pub fn init() {
         let subscriber = tracing_subscriber::registry().with(RunLayer.with_filter(spans_and_info)).with(
             tracing_subscriber::fmt::layer()
                 .event_format(PrefectFormat)
-                .with_writer(std::io::stderr)
+                .with_writer(crate::progress::ConsoleWriter)
                 .with_filter(filter),
         );
         let _ = tracing::subscriber::set_global_default(subscriber);

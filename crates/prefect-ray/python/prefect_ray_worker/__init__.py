@@ -105,6 +105,16 @@ def files_of(pid: int) -> list[str]:
     return glob.glob(os.path.join(_SHARED, f"prefect-ray-{pid}-*"))
 
 
+def worker_log() -> str:
+    """Where this worker's output goes (Ray's log file of the worker, which a dead executor's
+    last words went to), as a clause for a message; empty if it is not a file."""
+    try:
+        path = os.readlink("/proc/self/fd/1")
+    except OSError:
+        return ""
+    return f"; its output is in Ray's log {path}" if path.startswith("/") else ""
+
+
 class ExecutorCrashed(Exception):
     """The executor process died while running a task (so Ray may retry it)."""
 
@@ -224,7 +234,7 @@ def _call(executor: str, parts: list[Any]) -> list[Part]:
         remove_files(files_of(current.process.pid))
         raise ExecutorCrashed(
             f"the task's executor process ({os.path.basename(current.path)}, pid {current.process.pid}) died "
-            f"while running it: {describe_exit(code)} ({error.__class__.__name__})"
+            f"while running it: {describe_exit(code)} ({error.__class__.__name__}){worker_log()}"
         ) from None
     except BaseException:
         # Cancelled (KeyboardInterrupt from ray.cancel) or stopped: the run must stop too.

@@ -6,7 +6,7 @@ use prefect::State;
 use prefect::runner::{self, LookupError, assemble, not_ready};
 
 use super::capture::Output;
-use crate::protocol::envelope::{self, CallHeader, RunReport};
+use crate::protocol::envelope::{self, CallHeader, OutputLine, RunReport, Stream};
 use crate::protocol::frame::write_parts;
 use crate::protocol::{COMPLETED, MANY_RUNS, NOT_COMPLETED, ONE_RUN};
 use crate::shared_memory::{Blob, in_shared_file};
@@ -78,7 +78,14 @@ pub(super) fn reply(out: &mut impl Write, batch: bool, outcomes: &[Outcome], con
 fn run<'a>(header: &[u8], dependencies: &mut impl Iterator<Item = &'a Blob>, output: &Output) -> Outcome {
     let mut states = Vec::new();
     let value = execute(header, dependencies, &mut states, output);
-    let (lines, dropped_lines) = output.end();
+    let (mut lines, dropped_lines) = output.end();
+    // A run that did not complete says where Ray keeps its worker's log.
+    if states.last().is_some_and(|state| !state.is_completed())
+        && let Some(log) = output.worker_log()
+    {
+        let text = format!("Ray's log of this run's worker: {}", log.display());
+        lines.push(OutputLine { time: chrono::Utc::now(), stream: Stream::Log(2), text });
+    }
     let report = RunReport { states, output: lines, dropped_lines, pid: std::process::id() };
     let value = match (value, report.states.last()) {
         (Some(bytes), Some(last)) if last.is_completed() => (COMPLETED, bytes),

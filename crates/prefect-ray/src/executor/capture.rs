@@ -158,6 +158,13 @@ impl Output {
         }
     }
 
+    /// Where the worker's log of stdout is (a file of Ray's), if it is one.
+    pub(super) fn worker_log(&self) -> Option<std::path::PathBuf> {
+        let state = self.lock();
+        let fd = state.worker[0].as_ref()?.as_raw_fd();
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().filter(|path| path.is_absolute())
+    }
+
     /// Marks in the worker's log the runs that have run for [`ANNOUNCE_AFTER`].
     fn announce(&self) {
         let mut state = self.lock();

@@ -201,6 +201,7 @@ impl FlowRun {
         runner: Arc<dyn TaskRunner>,
     ) -> Result<Self, FlowError> {
         logging::init();
+        crate::progress::init();
         crate::reporting::init();
         let parent = context::current().filter(|parent| parent.info.is_some());
         let adopted = if parent.is_none() { ADOPT.take() } else { None };
