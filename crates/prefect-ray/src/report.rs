@@ -149,9 +149,9 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
         if report.dropped_lines > 0 {
             tracing::warn!(
                 target: "prefect::task_runs",
-                "{} more line(s) of output were dropped: a run keeps at most {} lines",
+                "{} more line(s) of output were dropped: a run keeps at most {} lines (PREFECT_LOGGING_MAX_LINES_PER_RUN)",
                 report.dropped_lines,
-                crate::executor::MAX_OUTPUT_LINES
+                report.output.len()
             );
         }
     }

@@ -10,13 +10,14 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bridge::{Bridge, BridgeConfig, Call, RayObject, Shared};
-use crate::protocol::envelope::CallHeader;
+use crate::protocol::envelope::{CallHeader, OutputSettings};
 use crate::report::PendingRun;
 
 #[doc = include_str!("../docs/runner.md")]
 #[derive(Debug)]
 pub struct RayTaskRunner {
     config: BridgeConfig,
+    output: OutputSettings,
     bridge: Mutex<Option<Arc<Bridge>>>,
 }
 
@@ -42,6 +43,7 @@ impl RayTaskRunner {
                 connect_timeout: Duration::from_secs(120),
                 auth_token: None,
             },
+            output: OutputSettings::from_env(),
             bridge: Mutex::new(None),
         }
     }
@@ -104,6 +106,13 @@ impl RayTaskRunner {
         self
     }
 
+    /// At most this many lines of output per run are kept and shown (10,000 by default, or
+    /// `PREFECT_LOGGING_MAX_LINES_PER_RUN`); the rest stay in Ray's worker logs, counted.
+    pub fn max_log_lines(mut self, lines: u32) -> Self {
+        self.output.max_lines = lines;
+        self
+    }
+
     /// How long to wait for Ray to start or accept the connection (120 s by default).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
@@ -154,7 +163,7 @@ impl TaskRunner for RayTaskRunner {
             spec.run.crash("the RayTaskRunner was not started");
             return;
         };
-        if let Some((function, call)) = prepare(bridge.shared(), spec) {
+        if let Some((function, call)) = prepare(bridge.shared(), spec, self.output) {
             bridge.shared().submit(function, call);
         }
     }
@@ -174,7 +183,7 @@ impl TaskRunner for RayTaskRunner {
         let mut batch: Vec<Call> = Vec::with_capacity(size);
         let mut batch_function = None;
         for spec in specs {
-            let Some((function, call)) = prepare(shared, spec) else { continue };
+            let Some((function, call)) = prepare(shared, spec, self.output) else { continue };
             if size == 1 {
                 shared.submit(function, call);
                 continue;
@@ -208,7 +217,7 @@ impl TaskRunner for RayTaskRunner {
 /// Readies a run for Ray: its dependencies as Ray objects where they are (others are
 /// fetched here and sent as values), its header, and its remote function. A run that cannot
 /// go ends here, with the reason.
-fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
+fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> Option<(u32, Call)> {
     let task = spec.run.task();
     let mut value_keys = Vec::new();
     let mut upstream_names = Vec::new();
@@ -260,6 +269,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec) -> Option<(u32, Call)> {
         options: spec.options.clone(),
         upstreams: upstream_names,
         wait_for: wait_names,
+        output,
     };
     let header = match rmp_serde::to_vec_named(&header) {
         Ok(header) => header,

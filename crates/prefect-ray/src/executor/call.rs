@@ -102,7 +102,7 @@ fn execute<'a>(
 ) -> Option<Vec<u8>> {
     let header = match rmp_serde::from_slice::<CallHeader>(header) {
         Ok(header) => {
-            output.begin(header.run_id);
+            output.begin(header.run_id, header.output);
             header
         }
         Err(error) => {

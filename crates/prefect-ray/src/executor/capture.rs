@@ -7,7 +7,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use std::time::{Duration, Instant};
 
@@ -16,15 +17,12 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use uuid::Uuid;
 
-use crate::protocol::envelope::{OutputLine, Stream};
+use crate::protocol::envelope::{DEFAULT_MAX_LINES, OutputLine, OutputSettings, Stream};
 use crate::protocol::live;
 
 /// A run that is still running this long after it started is announced as running: a
 /// no-op task ends first, and costs no log line.
 const ANNOUNCE_AFTER: Duration = Duration::from_millis(200);
-
-/// How many lines of output one run keeps; the rest are counted and dropped.
-pub(crate) const MAX_OUTPUT_LINES: usize = 10_000;
 
 /// The lines a run writes, to stdout, stderr or `tracing`.
 #[derive(Clone)]
@@ -32,6 +30,9 @@ pub(super) struct Output(Arc<Captured>);
 
 struct Captured {
     state: Mutex<CaptureState>,
+    /// The `tracing` level the run in progress records up to (1 error .. 5 trace), read on
+    /// every event without the lock.
+    level: AtomicU8,
     drained: Condvar,
     /// Wakes the announcer when a run starts.
     started: Condvar,
@@ -49,6 +50,8 @@ struct CaptureState {
     worker: [Option<File>; 2],
     /// The run in progress, if any.
     run: Option<LiveRun>,
+    /// How many lines the run in progress keeps.
+    max_lines: usize,
     /// Whether the announcer waits for a run to start (then a start wakes it; while it
     /// waits for a deadline, starts need not, which keeps a stream of short runs cheap).
     announcer_parked: bool,
@@ -68,7 +71,8 @@ impl Output {
     /// line and copy it to the worker's own stdout and stderr (Ray's log files).
     pub(super) fn capture() -> Self {
         let output = Output(Arc::new(Captured {
-            state: Mutex::default(),
+            state: Mutex::new(CaptureState { max_lines: DEFAULT_MAX_LINES as usize, ..CaptureState::default() }),
+            level: AtomicU8::new(3),
             drained: Condvar::new(),
             started: Condvar::new(),
             pipes: Mutex::default(),
@@ -139,11 +143,13 @@ impl Output {
         self.lock().record(stream, text);
     }
 
-    /// A run starts: what is written from now on is its own.
-    pub(super) fn begin(&self, run: Uuid) {
+    /// A run starts: what is written from now on is its own, kept as `settings` say.
+    pub(super) fn begin(&self, run: Uuid, settings: OutputSettings) {
+        self.0.level.store(settings.level, Ordering::Relaxed);
         let mut state = self.lock();
         state.lines.clear();
         state.dropped = 0;
+        state.max_lines = settings.max_lines as usize;
         state.run = Some(LiveRun { id: run, running: None, announced: false });
     }
 
@@ -224,7 +230,7 @@ impl CaptureState {
     fn record(&mut self, stream: Stream, text: String) {
         let time = Utc::now();
         let seq = self.lines.len();
-        let recorded = seq < MAX_OUTPUT_LINES;
+        let recorded = seq < self.max_lines;
         let copy = match (&self.run, recorded) {
             (Some(run), true) => {
                 let id = run.id;
@@ -284,37 +290,36 @@ fn redirect(fd: RawFd) -> std::io::Result<(File, File)> {
     }
 }
 
-/// Records `tracing` events of the running task (info and above, or what `RUST_LOG` asks).
+/// Records `tracing` events of the running task, up to the level the program asks for
+/// (`PREFECT_LOGGING_LEVEL`, info by default).
 pub(super) struct RecordEvents(pub(super) Output);
 
 impl<S: Subscriber> Layer<S> for RecordEvents {
+    fn register_callsite(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        // The level may change from run to run: ask each time.
+        if metadata.is_span() {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::sometimes()
+        }
+    }
+
     fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
-        metadata.is_span() || *metadata.level() <= max_level()
+        metadata.is_span() || level_number(*metadata.level()) <= self.0.0.level.load(Ordering::Relaxed)
     }
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-        let level = match *event.metadata().level() {
-            tracing::Level::ERROR => 1,
-            tracing::Level::WARN => 2,
-            tracing::Level::INFO => 3,
-            tracing::Level::DEBUG => 4,
-            tracing::Level::TRACE => 5,
-        };
+        let level = level_number(*event.metadata().level());
         self.0.record(Stream::Log(level), prefect::logging::event_message(event));
     }
 }
 
-fn max_level() -> tracing::Level {
-    static LEVEL: OnceLock<tracing::Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let directive =
-            std::env::var("RUST_LOG").or_else(|_| std::env::var("PREFECT_LOGGING_LEVEL")).unwrap_or_default();
-        match directive.to_ascii_lowercase().as_str() {
-            "trace" => tracing::Level::TRACE,
-            "debug" => tracing::Level::DEBUG,
-            "warn" | "warning" => tracing::Level::WARN,
-            "error" => tracing::Level::ERROR,
-            _ => tracing::Level::INFO,
-        }
-    })
+fn level_number(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 1,
+        tracing::Level::WARN => 2,
+        tracing::Level::INFO => 3,
+        tracing::Level::DEBUG => 4,
+        tracing::Level::TRACE => 5,
+    }
 }

@@ -18,8 +18,6 @@ use std::os::fd::{FromRawFd, RawFd};
 use prefect::runner;
 use tracing_subscriber::layer::SubscriberExt;
 
-pub(crate) use capture::MAX_OUTPUT_LINES;
-
 use crate::protocol::frame::read_parts;
 use crate::protocol::{EXECUTOR_ENV, RESTART};
 use capture::{Output, RecordEvents};

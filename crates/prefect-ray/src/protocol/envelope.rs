@@ -31,7 +31,43 @@ pub(crate) struct CallHeader {
     pub(crate) upstreams: Vec<String>,
     /// The names of the runs waited for, whose reports follow the values.
     pub(crate) wait_for: Vec<String>,
+    /// What of the run's output to keep.
+    pub(crate) output: OutputSettings,
 }
+
+/// What of a run's output the executor keeps (and shows live): the program's settings, so
+/// that workers on other machines follow them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OutputSettings {
+    /// At most this many lines per run; the rest are counted.
+    pub(crate) max_lines: u32,
+    /// `tracing` events up to this level: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    pub(crate) level: u8,
+}
+
+impl OutputSettings {
+    /// From the program's environment: `PREFECT_LOGGING_LEVEL` (or `RUST_LOG`, a plain
+    /// level) for the level, `PREFECT_LOGGING_MAX_LINES_PER_RUN` for the cap (10,000).
+    pub(crate) fn from_env() -> Self {
+        let directive =
+            std::env::var("PREFECT_LOGGING_LEVEL").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_default();
+        let level = match directive.trim().to_ascii_lowercase().as_str() {
+            "trace" => 5,
+            "debug" => 4,
+            "warn" | "warning" => 2,
+            "error" | "critical" => 1,
+            _ => 3,
+        };
+        let max_lines = std::env::var("PREFECT_LOGGING_MAX_LINES_PER_RUN")
+            .ok()
+            .and_then(|lines| lines.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_LINES);
+        Self { max_lines, level }
+    }
+}
+
+/// How many lines a run keeps unless `PREFECT_LOGGING_MAX_LINES_PER_RUN` says.
+pub(crate) const DEFAULT_MAX_LINES: u32 = 10_000;
 
 /// Where a line of a task's output came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
