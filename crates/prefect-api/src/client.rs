@@ -99,6 +99,49 @@ impl Client {
         self.request("POST", path, Some(body))
     }
 
+    /// `PATCH {api}{path}` with a JSON body; the answer as JSON (`null` for an empty one).
+    ///
+    /// # Errors
+    ///
+    /// If the server cannot be reached, or answers with an error status.
+    pub fn patch(&self, path: &str, body: &impl Serialize) -> Result<Value, ApiError> {
+        let body = serde_json::to_string(body)
+            .map_err(|e| ApiError::Encode { path: path.to_owned(), message: e.to_string() })?;
+        self.request("PATCH", path, Some(body))
+    }
+
+    /// Creates a progress artifact of a task run, `percent` done (0 to 100); returns its id.
+    /// The UI shows it in the run's Artifacts tab.
+    ///
+    /// # Errors
+    ///
+    /// If the request fails.
+    pub fn create_progress_artifact(
+        &self,
+        task_run_id: Uuid,
+        flow_run_id: Option<Uuid>,
+        percent: f64,
+    ) -> Result<Uuid, ApiError> {
+        let body = json!({
+            "type": "progress",
+            "data": percent,
+            "task_run_id": task_run_id,
+            "flow_run_id": flow_run_id,
+            "description": "How far the task run said it is (prefect::progress)",
+        });
+        let answer = self.post("/artifacts/", &body)?;
+        id_of("/artifacts/", &answer)
+    }
+
+    /// Sets a progress artifact's `percent`.
+    ///
+    /// # Errors
+    ///
+    /// If the request fails.
+    pub fn update_progress_artifact(&self, artifact_id: Uuid, percent: f64) -> Result<(), ApiError> {
+        self.patch(&format!("/artifacts/{artifact_id}"), &json!({"data": percent})).map(drop)
+    }
+
     /// Whether the server answers `GET /health`.
     ///
     /// # Errors
@@ -193,9 +236,14 @@ impl Client {
     fn request_once(&self, method: &str, path: &str, body: Option<String>) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.api_url);
         let unreachable = |error: ureq::Error| ApiError::Unreachable { url: url.clone(), message: error.to_string() };
-        let response = match body {
-            None => self.with_auth(self.agent.get(&url)).call(),
-            Some(body) => self.with_auth(self.agent.post(&url)).header("content-type", "application/json").send(body),
+        let response = match (method, body) {
+            ("PATCH", Some(body)) => {
+                self.with_auth(self.agent.patch(&url)).header("content-type", "application/json").send(body)
+            }
+            (_, None) => self.with_auth(self.agent.get(&url)).call(),
+            (_, Some(body)) => {
+                self.with_auth(self.agent.post(&url)).header("content-type", "application/json").send(body)
+            }
         }
         .map_err(unreachable)?;
         let status = response.status().as_u16();

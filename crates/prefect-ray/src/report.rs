@@ -108,6 +108,12 @@ pub(crate) fn live(pending: &mut PendingRun, line: LiveLine) {
     let Some(time) = DateTime::<Utc>::from_timestamp_micros(line.micros) else { return };
     let shown = pending.live.get_or_insert_with(Box::default);
     match line.seq {
+        None if line.stream == "p" => {
+            if let Ok(fraction) = line.text.trim().parse::<f64>() {
+                let _entered = pending.run.span().enter();
+                prefect::progress(fraction);
+            }
+        }
         None => {
             if shown.running.is_none() {
                 shown.running = Some(line.micros);

@@ -25,6 +25,9 @@ impl RunObserver for Arrivals {
         let what = format!("state {:?}", state.state_type);
         self.0.lock().unwrap().push((info.id, what, Instant::now()));
     }
+    fn task_run_progress(&self, task_run_id: Uuid, fraction: f64) {
+        self.0.lock().unwrap().push((task_run_id, format!("progress {fraction}"), Instant::now()));
+    }
     fn log(&self, record: &LogRecord) {
         if let Some(run) = record.task_run_id {
             self.0.lock().unwrap().push((run, record.message.clone(), Instant::now()));
@@ -238,4 +241,40 @@ fn a_flood_of_output_is_capped_counted_and_keeps_memory_bounded() {
     assert_eq!(shown, 2_000, "the run's first 2,000 lines were shown, once each");
     let dropped = "998000 more line(s) of output were dropped: a run keeps at most 2000 lines (PREFECT_LOGGING_MAX_LINES_PER_RUN)";
     assert!(arrivals.at(run, dropped).is_some(), "the count of dropped lines was reported");
+}
+
+#[task]
+fn halfway() -> u32 {
+    prefect::progress(0.5);
+    std::thread::sleep(Duration::from_millis(2500));
+    prefect::progress(1.0);
+    2
+}
+
+/// `prefect::progress` inside a task on Ray reaches the program while the task runs, and
+/// the server as the task run's progress artifact.
+#[test]
+fn progress_said_inside_a_task_arrives_while_it_runs_and_becomes_an_artifact() {
+    let arrivals = arrivals();
+    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+    let cluster = cluster();
+
+    #[flow(task_runner = cluster.runner())]
+    fn progressing(cluster: &Cluster) -> Uuid {
+        let future = halfway.submit();
+        future.wait(None);
+        future.task_run_id()
+    }
+    let run = progressing(&cluster).unwrap();
+    let said = arrivals.at(run, "progress 0.5").expect("the progress arrived");
+    let ended = arrivals.at(run, "state Completed").expect("the run completed");
+    assert!(ended.duration_since(said) > Duration::from_secs(1), "progress {:?} before the end", ended - said);
+    let artifacts = client.post("/artifacts/filter", &json!({"artifacts": {"task_run_id": {"any_": [run]}}})).unwrap();
+    let artifacts = artifacts.as_array().unwrap();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert_eq!(artifacts[0]["type"], "progress");
+    assert!(artifacts[0]["data"].as_f64().is_some_and(|percent| percent >= 50.0), "{artifacts:?}");
 }

@@ -155,6 +155,12 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
         if task_run_id.is_none() && flow_run_id.is_none() {
             return;
         }
+        if event.metadata().target() == PROGRESS_TARGET {
+            if let (Some(run), Some(fraction)) = (task_run_id, progress_of(event)) {
+                observe::task_run_progress(run, fraction);
+            }
+            return;
+        }
         let visitor = MessageVisitor::of(event);
         let timestamp = visitor.timestamp.unwrap_or_else(Utc::now);
         observe::log(&LogRecord {
@@ -216,6 +222,25 @@ where
     }
 }
 
+/// The target of the events [`crate::progress`] emits: progress, not log lines.
+pub(crate) const PROGRESS_TARGET: &str = "prefect::progress";
+
+/// The `progress` field of a progress event.
+fn progress_of(event: &Event<'_>) -> Option<f64> {
+    struct Progress(Option<f64>);
+    impl Visit for Progress {
+        fn record_f64(&mut self, field: &Field, value: f64) {
+            if field.name() == "progress" {
+                self.0 = Some(value);
+            }
+        }
+        fn record_debug(&mut self, _: &Field, _: &dyn fmt::Debug) {}
+    }
+    let mut progress = Progress(None);
+    event.record(&mut progress);
+    progress.0
+}
+
 /// Installs the readable default subscriber, unless the program has installed one.
 /// Called by the engine before the first flow run; calling it again does nothing.
 pub fn init() {
@@ -233,11 +258,14 @@ pub fn init() {
             directives.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(Level::INFO));
         let spans_and_info =
             tracing_subscriber::filter::filter_fn(|meta| meta.is_span() || *meta.level() <= Level::INFO);
+        // Progress shows in the progress line and on the server, not as log lines.
+        let not_progress = tracing_subscriber::filter::filter_fn(|meta| meta.target() != PROGRESS_TARGET);
         let subscriber = tracing_subscriber::registry().with(RunLayer.with_filter(spans_and_info)).with(
             tracing_subscriber::fmt::layer()
                 .event_format(PrefectFormat)
                 .with_writer(crate::progress::ConsoleWriter)
-                .with_filter(filter),
+                .with_filter(filter)
+                .with_filter(not_progress),
         );
         let _ = tracing::subscriber::set_global_default(subscriber);
     });

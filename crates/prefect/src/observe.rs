@@ -121,6 +121,8 @@ pub trait RunObserver: Send + Sync {
     fn task_run_state(&self, _info: &TaskRunInfo, _state: &State) {}
     /// A flow run or task run wrote a log line.
     fn log(&self, _record: &LogRecord) {}
+    /// A task run said how far it is, from 0.0 to 1.0 ([`crate::progress`]).
+    fn task_run_progress(&self, _task_run_id: Uuid, _fraction: f64) {}
     /// A flow run has ended: a chance to deliver what is queued before the program moves on.
     fn flow_run_finished(&self, _info: &FlowRunInfo) {}
     /// The program is about to exit (a signal, or its end) while runs may be live: end
@@ -216,6 +218,10 @@ pub fn pause_flow_run(id: Uuid, reason: &str) -> bool {
 /// had that id.
 pub fn resume_flow_run(id: Uuid, reason: &str) -> bool {
     crate::flow::pause(id, false, reason)
+}
+
+pub(crate) fn task_run_progress(task_run_id: Uuid, fraction: f64) {
+    each(|o| o.task_run_progress(task_run_id, fraction));
 }
 
 /// Hands a log line to every observer.

@@ -1,7 +1,7 @@
 //! A live progress line per flow run on an interactive terminal:
 //!
 //! ```text
-//! ⠙ count_to: 73/100 runs · 2 running · 1 failed · 12 s
+//! ⠙ count_to: 73/100 runs · 2 running (40%) · 1 failed · 12s
 //! ```
 //!
 //! Drawn with indicatif on stderr when stderr is a terminal and `PREFECT_PROGRESS` is not
@@ -90,15 +90,21 @@ struct FlowProgress {
     done: u64,
     running: u64,
     failed: u64,
-    /// The task runs of the flow run (and its subflows) that are running.
-    running_runs: std::collections::HashSet<Uuid>,
+    /// The task runs of the flow run (and its subflows) that are running, with how far
+    /// they said they are.
+    running_runs: HashMap<Uuid, Option<f64>>,
 }
 
 impl FlowProgress {
     fn redraw(&self) {
         let failed = if self.failed > 0 { format!(" · {} failed", self.failed) } else { String::new() };
+        let said: Vec<f64> = self.running_runs.values().flatten().copied().collect();
+        let along = match said.len() {
+            0 => String::new(),
+            count => format!(" ({:.0}%)", said.iter().sum::<f64>() / count as f64 * 100.0),
+        };
         self.bar.set_message(format!(
-            "{}: {}/{} runs · {} running{failed}",
+            "{}: {}/{} runs · {} running{along}{failed}",
             self.name, self.done, self.total, self.running
         ));
     }
@@ -136,7 +142,7 @@ impl RunObserver for Progress {
                     done: 0,
                     running: 0,
                     failed: 0,
-                    running_runs: Default::default(),
+                    running_runs: HashMap::new(),
                 };
                 progress.redraw();
                 Arc::new(Mutex::new(progress))
@@ -157,9 +163,9 @@ impl RunObserver for Progress {
     fn task_run_state(&self, info: &TaskRunInfo, state: &State) {
         let Some(flow) = self.flow_of(info.flow_run_id) else { return };
         let mut flow = flow.lock().unwrap_or_else(|p| p.into_inner());
-        let was_running = flow.running_runs.contains(&info.id);
+        let was_running = flow.running_runs.contains_key(&info.id);
         if state.is_running() && !was_running {
-            flow.running_runs.insert(info.id);
+            flow.running_runs.insert(info.id, None);
             flow.running += 1;
         } else if !state.is_running() && was_running {
             flow.running_runs.remove(&info.id);
@@ -172,6 +178,18 @@ impl RunObserver for Progress {
             }
         }
         flow.redraw();
+    }
+
+    fn task_run_progress(&self, task_run_id: Uuid, fraction: f64) {
+        let flows: Vec<_> = self.flows.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for flow in flows {
+            let mut flow = flow.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(said) = flow.running_runs.get_mut(&task_run_id) {
+                *said = Some(fraction);
+                flow.redraw();
+                return;
+            }
+        }
     }
 
     fn flow_run_finished(&self, info: &FlowRunInfo) {

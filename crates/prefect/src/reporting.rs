@@ -139,6 +139,7 @@ pub fn connect(api_url: &str, api_key: Option<&str>) -> Result<Reporting, Report
         flows: Mutex::default(),
         flows_changed: Condvar::new(),
         watching: Once::new(),
+        progress: Mutex::default(),
     }));
     observe::add_observer(reporting.0.clone());
     connections.push(reporting.clone());
@@ -177,6 +178,17 @@ struct PrefectObserver {
     flows_changed: Condvar,
     /// Starts the cancellation watcher with the first flow run.
     watching: Once,
+    /// Task runs' progress, sent as their progress artifacts by the watcher, at most once a
+    /// second each.
+    progress: Mutex<HashMap<Uuid, SaidProgress>>,
+}
+
+/// How far a task run said it is, and what the server has of it.
+#[derive(Default)]
+struct SaidProgress {
+    artifact: Option<Uuid>,
+    latest: f64,
+    sent: Option<f64>,
 }
 
 /// A task run's cumulative figures, as Prefect's client computes them.
@@ -338,6 +350,43 @@ impl PrefectObserver {
     }
 }
 
+impl PrefectObserver {
+    /// Sends the progress said since the last time as progress artifacts; forgets the runs
+    /// that have ended.
+    fn send_progress(&self) {
+        let due: Vec<(Uuid, Option<Uuid>, f64)> = {
+            let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            progress
+                .iter()
+                .filter(|(_, said)| said.sent != Some(said.latest))
+                .map(|(run, said)| (*run, said.artifact, said.latest))
+                .collect()
+        };
+        let client = self.reporter.client();
+        for (run, artifact, fraction) in due {
+            let percent = (fraction * 1000.0).round() / 10.0;
+            let sent = match artifact {
+                Some(artifact) => client.update_progress_artifact(artifact, percent).map(|()| artifact),
+                None => {
+                    let flow_run =
+                        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|t| t.flow_run_id);
+                    let flow_run = flow_run.and_then(|id| self.reporter.server_flow_run_id(id));
+                    client.create_progress_artifact(run, flow_run, percent)
+                }
+            };
+            if let Ok(artifact) = sent {
+                let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(said) = progress.get_mut(&run) {
+                    said.artifact = Some(artifact);
+                    said.sent = Some(fraction);
+                }
+            }
+        }
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).retain(|run, _| tasks.contains_key(run));
+    }
+}
+
 impl RunObserver for PrefectObserver {
     fn create_flow_run(&self, info: &FlowRunInfo) -> Option<Uuid> {
         let parent = info.parent.as_ref().map(|parent| {
@@ -434,7 +483,12 @@ impl RunObserver for PrefectObserver {
         });
     }
 
+    fn task_run_progress(&self, task_run_id: Uuid, fraction: f64) {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(task_run_id).or_default().latest = fraction;
+    }
+
     fn flow_run_finished(&self, info: &FlowRunInfo) {
+        self.send_progress();
         self.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&info.id);
         self.reporter.flush_flow_run(info.id, FINAL_FLUSH_WAIT);
     }
@@ -520,6 +574,7 @@ fn watch_cancellations(observer: Weak<PrefectObserver>) {
                 }
             }
         }
+        this.send_progress();
         drop(this);
         std::thread::sleep(CANCELLATION_POLL);
     }

@@ -16,10 +16,19 @@ fn refuse() -> Result<u32, String> {
     Err("no".into())
 }
 
+/// Says it is halfway, then takes a moment: the line shows it meanwhile.
+#[task]
+fn halfway() -> u32 {
+    prefect::progress(0.5);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    0
+}
+
 #[flow]
 fn progress_demo() -> u32 {
     let steps = step.map(0..5u32);
     refuse.submit().wait(None);
+    halfway.submit().wait(None);
     steps.into_iter().map(|future| future.result().unwrap()).sum()
 }
 
@@ -54,7 +63,8 @@ fn run(terminal: bool, env: &[(&str, &str)]) -> String {
 #[test]
 fn a_terminal_shows_a_live_progress_line_and_a_pipe_does_not() {
     let shown = run(true, &[]);
-    assert!(shown.contains("progress-demo: 6/6 runs · 0 running · 1 failed"), "{shown}");
+    assert!(shown.contains("progress-demo: 7/7 runs · 0 running · 1 failed"), "{shown}");
+    assert!(shown.contains("1 running (50%)"), "what a task says of its progress shows: {shown}");
     // Log lines print above the line: each starts on a cleared line of its own.
     assert!(shown.contains("\r\u{1b}[2K"), "{shown:?}");
     assert!(shown.contains("Finished in state Completed()"), "{shown}");

@@ -286,7 +286,8 @@ LIVE_MARK = "[prefect-run "
 def parse_live(line: str) -> LiveLine | None:
     """The marked line in ``line`` (which may carry Ray's own prefix), if there is one:
     ``[prefect-run <run> <pid> <seq> <micros> <stream>] <text>`` or
-    ``[prefect-run <run> <pid> started <micros>]``."""
+    ``[prefect-run <run> <pid> started <micros>]`` or
+    ``[prefect-run <run> <pid> progress <micros>] <fraction>``."""
     start = line.find(LIVE_MARK)
     if start < 0:
         return None
@@ -297,6 +298,10 @@ def parse_live(line: str) -> LiveLine | None:
     try:
         if len(fields) == 4 and fields[2] == "started":
             return LiveLine(fields[0], int(fields[1]), None, int(fields[3]), "", "")
+        if len(fields) == 4 and fields[2] == "progress":
+            fraction = line[end + 1 :].strip()
+            float(fraction)
+            return LiveLine(fields[0], int(fields[1]), None, int(fields[3]), "p", fraction)
         if len(fields) == 5:
             text = line[end + 2 :] if line[end + 1 : end + 2] == " " else line[end + 1 :]
             return LiveLine(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[4], text.rstrip("\n"))

@@ -165,5 +165,9 @@ def test_marked_lines_of_worker_logs_parse_with_or_without_rays_prefix() -> None
         run, 42, None, 1_800_000_000_000_000, "", ""
     )
     assert parse_live(f"[prefect-run {run} 42 0 1800000000000000 o] ") == LiveLine(run, 42, 0, 1_800_000_000_000_000, "o", "")
+    assert parse_live(f"[prefect-run {run} 42 progress 1800000000000000] 0.25") == LiveLine(
+        run, 42, None, 1_800_000_000_000_000, "p", "0.25"
+    )
+    assert parse_live(f"[prefect-run {run} 42 progress 1800000000000000] most") is None
     assert parse_live("an unmarked line") is None
     assert parse_live(f"[prefect-run {run} 42 seven 1 o] text") is None

@@ -6,7 +6,8 @@
 //! where `pid` is the executor's (an attempt that Ray retries runs in another), `seq` the
 //! line's index among the attempt's recorded lines (the same index as in its report) and
 //! `stream` is `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`. That a run started:
-//! `[prefect-run <run id> <pid> started <microseconds>]`.
+//! `[prefect-run <run id> <pid> started <microseconds>]`. How far it said it is
+//! (`prefect::progress`): `[prefect-run <run id> <pid> progress <microseconds>] <fraction>`.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -31,6 +32,11 @@ pub(crate) fn started(run: Uuid, at: DateTime<Utc>) -> String {
     format!("{MARK}{} {} started {}]\n", run.simple(), std::process::id(), at.timestamp_micros())
 }
 
+/// The line that says run `run` is `fraction` done.
+pub(crate) fn progress(run: Uuid, at: DateTime<Utc>, fraction: f64) -> String {
+    format!("{MARK}{} {} progress {}] {fraction}\n", run.simple(), std::process::id(), at.timestamp_micros())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +49,10 @@ mod tests {
         assert_eq!(
             line(run, 7, at, Stream::Log(3), "hello [world]"),
             format!("[prefect-run 00000000000000000000000000001234 {pid} 7 1800000000123456 3] hello [world]\n")
+        );
+        assert_eq!(
+            progress(run, at, 0.25),
+            format!("[prefect-run 00000000000000000000000000001234 {pid} progress 1800000000123456] 0.25\n")
         );
         assert_eq!(
             started(run, at),
