@@ -20,6 +20,16 @@ def noop(index):
 
 
 @ray.remote
+def noop_chunk(indexes):
+    return [None for _ in indexes]
+
+
+@ray.remote
+def increment(previous):
+    return previous + 1
+
+
+@ray.remote
 def leaf(index):
     return index
 
@@ -65,6 +75,24 @@ def main():
                 ray.get([noop.remote(i) for i in range(n)])
                 seconds = time.perf_counter() - started
                 result = {"tasks_per_s": n / seconds, "seconds": seconds, "driver_peak_mb": peak_rss_mb()}
+            elif case == "noop_chunked":
+                # What a Ray user who knows the cost of a task writes: one task per chunk of
+                # the same size our runner batches (64 runs).
+                n, chunk = args[0], args[1]
+                started = time.perf_counter()
+                chunks = [noop_chunk.remote(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+                results = [value for part in ray.get(chunks) for value in part]
+                assert len(results) == n
+                seconds = time.perf_counter() - started
+                result = {"tasks_per_s": n / seconds, "seconds": seconds}
+            elif case == "chain":
+                n = args[0]
+                started = time.perf_counter()
+                last = increment.remote(0)
+                for _ in range(1, n):
+                    last = increment.remote(last)
+                assert ray.get(last) == n
+                result = {"seconds": time.perf_counter() - started, "tasks": n}
             elif case == "tree":
                 leaves = args[0]
                 started = time.perf_counter()

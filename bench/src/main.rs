@@ -8,6 +8,8 @@
 //! - `montecarlo <tasks> <samples>`: a Monte Carlo estimate of pi, split over tasks, and the
 //!   same samples on one thread;
 //! - `data <megabytes>`: a value made by one task and consumed by another;
+//! - `chain <n>`: n no-op tasks, each taking the previous one's future: the cost of one
+//!   dependency hop, which a map cannot hide;
 //! - `scale <n>`: a map of n tasks, results gathered;
 //! - `startup`: a flow run that starts a temporary Ray instance and ends it.
 //!
@@ -118,6 +120,23 @@ fn tree(leaves: u64) -> (f64, u64) {
     (started.elapsed().as_secs_f64(), total)
 }
 
+#[task]
+fn increment(previous: u64) -> u64 {
+    previous + 1
+}
+
+#[flow(task_runner = ray())]
+fn chain(n: u64) -> (f64, u64) {
+    warm_up();
+    let started = Instant::now();
+    let mut last = increment.submit(0);
+    for _ in 1..n {
+        last = increment.submit(&last);
+    }
+    let value = last.result().unwrap();
+    (started.elapsed().as_secs_f64(), value)
+}
+
 #[flow(task_runner = ray())]
 fn montecarlo(tasks: u64, samples: u64) -> (f64, f64) {
     warm_up();
@@ -171,6 +190,12 @@ fn main() {
             assert_eq!(total, leaves * (leaves - 1) / 2);
             json!({"seconds": seconds, "tasks": 2 * leaves - 1})
         }
+        "chain" => {
+            let n = arg(&args, 1, 500);
+            let (seconds, value) = chain(n).expect("the flow completes");
+            assert_eq!(value, n);
+            json!({"seconds": seconds, "tasks": n})
+        }
         "montecarlo" => {
             let (tasks, samples) = (arg(&args, 1, 16), arg(&args, 2, 20_000_000));
             let (seconds, pi) = montecarlo(tasks, samples).expect("the flow completes");
@@ -202,7 +227,7 @@ fn main() {
             json!({"seconds": started.elapsed().as_secs_f64()})
         }
         other => {
-            eprintln!("unknown case {other:?}; cases: noop, tree, montecarlo, data, scale, startup");
+            eprintln!("unknown case {other:?}; cases: noop, tree, chain, montecarlo, data, scale, startup");
             std::process::exit(2);
         }
     };

@@ -16,6 +16,7 @@ struct Sizes {
     noop: u64,
     noop_prefect_ray: u64,
     tree_leaves: u64,
+    chain: u64,
     montecarlo: (u64, u64),
     data_megabytes: u64,
     scale: u64,
@@ -26,6 +27,7 @@ const QUICK: Sizes = Sizes {
     noop: 1_000,
     noop_prefect_ray: 50,
     tree_leaves: 1_024,
+    chain: 500,
     montecarlo: (8, 40_000_000),
     data_megabytes: 100,
     scale: 10_000,
@@ -36,6 +38,7 @@ const FULL: Sizes = Sizes {
     noop: 2_000,
     noop_prefect_ray: 200,
     tree_leaves: 1_024,
+    chain: 500,
     montecarlo: (16, 40_000_000),
     data_megabytes: 100,
     scale: 100_000,
@@ -68,6 +71,7 @@ pub fn bench(root: &Path, quick: bool) -> Result {
         let n = sizes.noop.to_string();
         record(&mut samples, "noop", "ours", systems.ours(&["noop", &n, "ray"], false)?);
         record(&mut samples, "noop", "ray", systems.ray(&["noop", &n])?);
+        record(&mut samples, "noop", "ray_chunked", systems.ray(&["noop_chunked", &n, "64"])?);
         record(&mut samples, "noop", "ours_submit", systems.ours(&["noop", &n, "submit"], false)?);
         record(&mut samples, "noop", "ours_reporting", systems.ours(&["noop", &n, "ray"], true)?);
         let small = sizes.noop_prefect_ray.to_string();
@@ -77,6 +81,9 @@ pub fn bench(root: &Path, quick: bool) -> Result {
         let leaves = sizes.tree_leaves.to_string();
         record(&mut samples, "tree", "ours", systems.ours(&["tree", &leaves], false)?);
         record(&mut samples, "tree", "ray", systems.ray(&["tree", &leaves])?);
+        let chain = sizes.chain.to_string();
+        record(&mut samples, "chain", "ours", systems.ours(&["chain", &chain], false)?);
+        record(&mut samples, "chain", "ray", systems.ray(&["chain", &chain])?);
         let (tasks, draws) = (sizes.montecarlo.0.to_string(), sizes.montecarlo.1.to_string());
         record(&mut samples, "montecarlo", "ours", systems.ours(&["montecarlo", &tasks, &draws], false)?);
         record(&mut samples, "montecarlo", "prefect_ray", systems.prefect(&["montecarlo", &tasks, &draws])?);
@@ -222,6 +229,8 @@ fn summarize(samples: &BTreeMap<&str, Samples>, sizes: &Sizes) -> Value {
             "ratio_to_ray": ratio(ours, ray),
             "one_submit_per_task_ratio_to_ray": ratio(get("noop", "ours_submit.tasks_per_s"), ray),
             "ratio_to_prefect_ray": ratio(ours, prefect_ray),
+            "ray_chunked_by_hand_tasks_per_s": get("noop", "ray_chunked.tasks_per_s"),
+            "ratio_to_ray_chunked_by_hand": ratio(ours, get("noop", "ray_chunked.tasks_per_s")),
         }),
     );
     let (ours, prefect) = (get("noop_threads", "ours.tasks_per_s"), get("noop_threads", "prefect.tasks_per_s"));
@@ -238,6 +247,16 @@ fn summarize(samples: &BTreeMap<&str, Samples>, sizes: &Sizes) -> Value {
         "tree".into(),
         json!({
             "leaves": sizes.tree_leaves,
+            "ours_seconds": ours,
+            "ray_seconds": ray,
+            "time_ratio_to_ray": ratio(ours, ray),
+        }),
+    );
+    let (ours, ray) = (get("chain", "ours.seconds"), get("chain", "ray.seconds"));
+    results.insert(
+        "chain".into(),
+        json!({
+            "tasks": sizes.chain,
             "ours_seconds": ours,
             "ray_seconds": ray,
             "time_ratio_to_ray": ratio(ours, ray),
@@ -318,6 +337,13 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
         times(f("noop", "ratio_to_prefect_ray"))
     ));
     out.push_str(&format!(
+        "| no-op tasks per second, map ({} tasks) against Ray with the map split by hand into tasks of 64 | {} | {} | | {} | |\n",
+        sizes.noop,
+        show(f("noop", "ours_tasks_per_s")),
+        show(f("noop", "ray_chunked_by_hand_tasks_per_s")),
+        times(f("noop", "ratio_to_ray_chunked_by_hand"))
+    ));
+    out.push_str(&format!(
         "| no-op tasks per second, map, reporting to a Prefect server | {} | | | | |\n",
         show(f("noop", "ours_reporting_to_prefect_tasks_per_s"))
     ));
@@ -339,6 +365,13 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
         show(f("tree", "ours_seconds")),
         show(f("tree", "ray_seconds")),
         times(f("tree", "time_ratio_to_ray"))
+    ));
+    out.push_str(&format!(
+        "| a chain of {} dependent no-op tasks (s) | {} | {} | | {} time | |\n",
+        sizes.chain,
+        show(f("chain", "ours_seconds")),
+        show(f("chain", "ray_seconds")),
+        times(f("chain", "time_ratio_to_ray"))
     ));
     out.push_str(&format!(
         "| Monte Carlo, {} × {} samples (s); one thread: {} s, speedup {} | {} | | {} | | {} faster |\n",
