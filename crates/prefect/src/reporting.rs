@@ -43,8 +43,9 @@ use crate::state::{State, StateType};
 
 /// How long a flow waits for the server's answer to a proposed state.
 const ORCHESTRATION_WAIT: Duration = Duration::from_secs(10);
-/// How often the server is asked whether a live flow run was cancelled there.
-const CANCELLATION_POLL: Duration = Duration::from_secs(1);
+/// How often the server is asked what it did to live flow runs (cancelled or paused them),
+/// and told the task runs' progress.
+const SERVER_POLL: Duration = Duration::from_secs(1);
 /// How long the end of a flow run waits for what is queued to be delivered.
 const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(15);
 
@@ -430,10 +431,10 @@ impl RunObserver for PrefectObserver {
         self.watching.call_once(|| {
             let observer = connections_observer(self);
             let started = std::thread::Builder::new()
-                .name("prefect-cancellation".into())
-                .spawn(move || watch_cancellations(observer));
+                .name("prefect-follow-server".into())
+                .spawn(move || follow_the_server(observer));
             if let Err(error) = started {
-                tracing::warn!(target: "prefect::reporting", "could not watch for cancellations: {error}");
+                tracing::warn!(target: "prefect::reporting", "could not follow the server (cancellations, pauses, progress): {error}");
             }
         });
     }
@@ -527,12 +528,12 @@ fn connections_observer(this: &PrefectObserver) -> Weak<PrefectObserver> {
     connections.iter().find(|c| std::ptr::eq(Arc::as_ptr(&c.0), this)).map(|c| Arc::downgrade(&c.0)).unwrap_or_default()
 }
 
-/// Asks the server, every [`CANCELLATION_POLL`] while flow runs are live, what it did to
+/// Asks the server, every [`SERVER_POLL`] while flow runs are live, what it did to
 /// them, and follows: a run it moved to `Cancelling` (the UI's Cancel, `prefect flow-run
 /// cancel`, a parent's cancellation) is cancelled here, which Prefect's own client would let
 /// run on; a run it `Paused` (or `Suspended`) waits before each new task run until the
 /// server resumes it.
-fn watch_cancellations(observer: Weak<PrefectObserver>) {
+fn follow_the_server(observer: Weak<PrefectObserver>) {
     let mut paused: HashSet<Uuid> = HashSet::new();
     loop {
         let Some(this) = observer.upgrade() else { return };
@@ -576,7 +577,7 @@ fn watch_cancellations(observer: Weak<PrefectObserver>) {
         }
         this.send_progress();
         drop(this);
-        std::thread::sleep(CANCELLATION_POLL);
+        std::thread::sleep(SERVER_POLL);
     }
 }
 
