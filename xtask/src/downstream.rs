@@ -31,6 +31,7 @@ fn main() {
 
 pub(crate) fn check(root: &Path, ray_python: &Path) -> Result {
     eprintln!("xtask: packaging the crates, then running a flow from a crate of a user's own");
+    forget_earlier_packages();
     let mut package = cargo();
     package.args(["package", "--workspace", "--exclude", "xtask", "--exclude", "prefect-ray-bench", "--allow-dirty"]);
     run(package.arg("--quiet"))?;
@@ -39,6 +40,25 @@ pub(crate) fn check(root: &Path, ray_python: &Path) -> Result {
     let outcome = run_downstream(root, ray_python, &home);
     let _ = std::fs::remove_dir_all(&home);
     outcome
+}
+
+/// `cargo package` checks each crate against the others through a registry of its own,
+/// whose crates Cargo extracts under `$CARGO_HOME/registry/src/-<hash of its path>/` and
+/// never extracts again: a checkout at a path used before would be checked against the
+/// crates packaged then. Those directories (only local registries' names start with `-`)
+/// are removed for our crates first.
+fn forget_earlier_packages() {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
+    let Some(sources) = home.map(|home| home.join("registry").join("src")) else { return };
+    let Ok(registries) = std::fs::read_dir(&sources) else { return };
+    let version = env!("CARGO_PKG_VERSION");
+    for registry in registries.flatten().filter(|r| r.file_name().to_string_lossy().starts_with('-')) {
+        for name in ["prefect", "prefect-api", "prefect-macros", "prefect-ray"] {
+            let _ = std::fs::remove_dir_all(registry.path().join(format!("{name}-{version}")));
+        }
+    }
 }
 
 fn run_downstream(root: &Path, ray_python: &Path, home: &Path) -> Result {

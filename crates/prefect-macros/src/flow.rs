@@ -7,7 +7,17 @@ use syn::{ItemFn, LitStr};
 use crate::attributes::{self, Range};
 use crate::signature::Signature;
 
-const OPTIONS: &[&str] = &["name", "task_runner", "retries", "retry_delay_seconds", "timeout_seconds"];
+const OPTIONS: &[&str] = &[
+    "name",
+    "task_runner",
+    "retries",
+    "retry_delay_seconds",
+    "timeout_seconds",
+    "on_completion",
+    "on_failure",
+    "on_crashed",
+    "on_cancellation",
+];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
@@ -39,10 +49,12 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                 option.check_numbers(Range::Positive, "seconds")?;
                 timeout = Some(option.expr()?.clone());
             }
+            hook if crate::hooks::HOOKS.contains(&hook) => {}
             _ => unreachable!("options were checked"),
         }
     }
     let has_retries = options.iter().any(|o| o.name == "retries");
+    let hooks = crate::hooks::state_hooks(&options, quote! { ::prefect::hooks::FlowHook })?;
 
     let names = signature.names();
     let types = signature.types();
@@ -127,6 +139,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             static __FLOW: ::prefect::__private::FlowDefinition = ::prefect::__private::FlowDefinition {
                 name: #name,
                 key: ::core::concat!(::core::module_path!(), #key),
+                hooks: #hooks,
             };
             let mut __parameter_map = ::prefect::__private::serde_json::Map::new();
             {

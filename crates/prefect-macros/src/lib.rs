@@ -5,6 +5,7 @@
 mod attributes;
 mod deployment;
 mod flow;
+mod hooks;
 mod signature;
 mod task;
 

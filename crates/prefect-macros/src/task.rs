@@ -22,6 +22,10 @@ const OPTIONS: &[&str] = &[
     "max_retries",
     "resources",
     "remote_options",
+    "on_completion",
+    "on_failure",
+    "on_crashed",
+    "on_cancellation",
 ];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
@@ -72,6 +76,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                     __options.tags = ::core::iter::IntoIterator::into_iter(#value).map(|tag| ::std::string::ToString::to_string(&tag)).collect();
                 });
             }
+            hook if crate::hooks::HOOKS.contains(&hook) => {}
             "remote_options" => {
                 let attributes::Value::Map(entries) = &option.value else {
                     return Err(attributes::error(
@@ -92,6 +97,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
     }
 
+    let hooks = crate::hooks::state_hooks(&options, quote! { ::prefect::hooks::TaskHook })?;
     let names = signature.names();
     let types = signature.types();
     let value = &signature.value;
@@ -222,6 +228,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             options: #handle_type::__options,
             run_name: #run_name,
             body: ::prefect::__private::TaskBody::#body_kind(#handle_type::__body),
+            hooks: #hooks,
         };
 
         #(#checks)*

@@ -733,3 +733,36 @@ fn runs_in_flight_or_submitted_after_the_bridge_dies_end_crashed_at_once() {
         assert!(error.message().contains("the Ray bridge process exited unexpectedly (killed by signal 9)"), "{error}");
     }
 }
+
+/// A task's state hooks run in the program, once per final state, for runs on Ray too: a
+/// run that Ray retried after a crash is one run with one final state.
+#[test]
+fn state_hooks_of_tasks_on_ray_run_once_in_the_program() {
+    use std::sync::Mutex;
+    static CALLS: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+    fn record(run: &prefect::TaskRun, state: &prefect::State) {
+        CALLS.lock().unwrap().push((std::process::id(), format!("{} {}", run.name(), state.name)));
+    }
+    #[prefect::task(task_run_name = "hooked-{value}", on_completion = [record], on_failure = [record])]
+    fn hooked(value: u32) -> Result<u32, String> {
+        if value == 0 { Err("zero".into()) } else { Ok(value) }
+    }
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn with_hooks(cluster: &Cluster) {
+        let futures = hooked.map(0..3u32);
+        prefect::wait(&futures, None);
+    }
+    with_hooks(&cluster).unwrap();
+    let mut calls = CALLS.lock().unwrap().clone();
+    calls.sort();
+    let program = std::process::id();
+    assert_eq!(
+        calls,
+        vec![
+            (program, "hooked-0 Failed".to_owned()),
+            (program, "hooked-1 Completed".to_owned()),
+            (program, "hooked-2 Completed".to_owned())
+        ]
+    );
+}

@@ -10,6 +10,7 @@ mod context;
 mod error;
 mod flow;
 mod future;
+pub mod hooks;
 mod interrupt;
 mod into_arg;
 pub mod logging;

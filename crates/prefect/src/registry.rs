@@ -53,6 +53,8 @@ pub struct TaskDefinition {
     pub run_name: Option<fn(&[String]) -> String>,
     /// The body, with serialized arguments and result.
     pub body: TaskBody,
+    /// What to call when a run ends, per final state.
+    pub hooks: crate::hooks::StateHooks<crate::hooks::TaskHook>,
 }
 
 /// Every task in the program, registered by `#[task]`.

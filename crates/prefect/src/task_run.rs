@@ -291,6 +291,11 @@ impl TaskRun {
             }
         }
         observe::task_run_state(&self.0.info, &state);
+        {
+            // Before anyone waiting wakes: `.result()` returns after the hooks ran.
+            let _entered = self.0.span.enter();
+            crate::hooks::call_each(self.0.task.hooks.for_state(&state), |hook| hook(self, &state));
+        }
         self.0.finished.notify_all();
         wakers.into_iter().for_each(Waker::wake);
         for callback in callbacks {
@@ -436,6 +441,7 @@ mod tests {
         options: crate::options::TaskOptions::default,
         run_name: None,
         body: TaskBody::Sync(|_| Ok(Vec::new())),
+        hooks: crate::hooks::StateHooks::NONE,
     };
 
     fn writer() -> TaskRunWriter {

@@ -566,3 +566,62 @@ fn a_cancelled_flow_run_stops_submitting_and_ends_cancelled_with_its_subflows() 
     assert_eq!(final_states(outer_id), [StateType::Completed, StateType::Cancelled]);
     assert!(!prefect::observe::cancel_flow_run(outer_id, "again"), "an ended run is not live");
 }
+
+#[test]
+fn state_hooks_run_once_per_final_state_of_tasks_and_flows() {
+    use std::sync::atomic::AtomicU32;
+    static CALLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
+
+    use prefect::TaskRun;
+
+    fn task_done(run: &TaskRun, state: &State) {
+        CALLS.lock().unwrap().push(format!("task {} {}", run.name().split('-').next().unwrap(), state.name));
+    }
+    fn flow_done(info: &prefect::observe::FlowRunInfo, state: &State) {
+        CALLS.lock().unwrap().push(format!("flow {} {}", info.flow_name, state.name));
+    }
+    fn panicking(_: &TaskRun, _: &State) {
+        panic!("a hook that panics");
+    }
+
+    #[task(on_completion = [task_done], on_failure = [panicking, task_done])]
+    fn flaky_step(fail: bool) -> Result<u32, String> {
+        if fail { Err("asked to fail".into()) } else { Ok(1) }
+    }
+    #[task(retries = 2, on_failure = [task_done], on_completion = [task_done])]
+    fn retried() -> Result<u32, String> {
+        match ATTEMPTS.fetch_add(1, Ordering::SeqCst) {
+            0 | 1 => Err("not yet".into()),
+            _ => Ok(3),
+        }
+    }
+    #[flow(on_completion = [flow_done], on_failure = [flow_done])]
+    fn hooked(fail_flow: bool) -> Result<u32, String> {
+        let ok = flaky_step.submit(false);
+        let failed = flaky_step.submit(true);
+        failed.wait(None);
+        let after_retries = retried.submit().result().unwrap();
+        let value = ok.result().unwrap() + after_retries;
+        if fail_flow { Err("the flow fails".into()) } else { Ok(value) }
+    }
+
+    assert_eq!(hooked(false).unwrap(), 4);
+    assert!(hooked(true).is_err());
+    let mut calls = CALLS.lock().unwrap().clone();
+    calls.sort();
+    // Each final state once: the retried task's failed attempts (two, in the first flow run)
+    // were not final.
+    let mut expected = vec![
+        "flow hooked Completed",
+        "flow hooked Failed",
+        "task flaky_step Completed",
+        "task flaky_step Completed",
+        "task flaky_step Failed",
+        "task flaky_step Failed",
+        "task retried Completed",
+        "task retried Completed",
+    ];
+    expected.sort();
+    assert_eq!(calls, expected);
+}

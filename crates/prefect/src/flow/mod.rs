@@ -50,6 +50,8 @@ pub struct FlowDefinition {
     pub name: &'static str,
     /// The function's path: `module::path::function`.
     pub key: &'static str,
+    /// What to call when a run ends, per final state.
+    pub hooks: crate::hooks::StateHooks<crate::hooks::FlowHook>,
 }
 
 thread_local! {
@@ -446,7 +448,10 @@ impl FlowRun {
     fn ended_in(&mut self, state: State) -> State {
         self.ended = true;
         live::forget(self.info.id);
-        self.context.span.in_scope(|| tracing::info!(target: "prefect::flow_run", "Finished in state {state}"));
+        self.context.span.in_scope(|| {
+            tracing::info!(target: "prefect::flow_run", "Finished in state {state}");
+            crate::hooks::call_each(self.flow.hooks.for_state(&state), |hook| hook(&self.info, &state));
+        });
         observe::flow_run_finished(&self.info);
         state
     }
