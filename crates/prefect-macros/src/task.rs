@@ -26,6 +26,7 @@ const OPTIONS: &[&str] = &[
     "on_failure",
     "on_crashed",
     "on_cancellation",
+    "retry_condition_fn",
 ];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
@@ -44,6 +45,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let mut name = LitStr::new(&ident.to_string(), ident.span());
     let mut run_name_template = None;
     let mut settings = Vec::new();
+    let mut retry_condition = quote! { ::core::option::Option::None };
     for option in &options {
         let key = option.name.to_string();
         match key.as_str() {
@@ -77,6 +79,15 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                 });
             }
             hook if crate::hooks::HOOKS.contains(&hook) => {}
+            "retry_condition_fn" => {
+                let function = option.expr()?;
+                retry_condition = quote! {
+                    ::core::option::Option::Some({
+                        const CONDITION: ::prefect::hooks::RetryCondition = #function;
+                        CONDITION
+                    })
+                };
+            }
             "remote_options" => {
                 let attributes::Value::Map(entries) = &option.value else {
                     return Err(attributes::error(
@@ -229,6 +240,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             run_name: #run_name,
             body: ::prefect::__private::TaskBody::#body_kind(#handle_type::__body),
             hooks: #hooks,
+            retry_condition: #retry_condition,
         };
 
         #(#checks)*

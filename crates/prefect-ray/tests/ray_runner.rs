@@ -766,3 +766,25 @@ fn state_hooks_of_tasks_on_ray_run_once_in_the_program() {
         ]
     );
 }
+
+/// A task's retry condition runs in the executor, where the attempts run: a failure it
+/// declines is not retried on Ray either.
+#[test]
+fn a_retry_condition_applies_on_ray() {
+    fn transient_only(state: &State) -> bool {
+        state.message.as_deref().is_some_and(|message| message.contains("transient"))
+    }
+    #[task(retries = 2, retry_condition_fn = transient_only)]
+    fn failing(error: String) -> Result<u32, String> {
+        Err(error)
+    }
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn conditional(cluster: &Cluster) -> (u32, u32) {
+        let permanent = failing.submit("a permanent error".to_owned());
+        let transient = failing.submit("a transient error".to_owned());
+        prefect::wait(&[permanent.clone(), transient.clone()], None);
+        (permanent.task_run().run_count(), transient.task_run().run_count())
+    }
+    assert_eq!(conditional(&cluster).unwrap(), (1, 3));
+}

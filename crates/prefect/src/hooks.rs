@@ -44,6 +44,12 @@ pub type TaskHook = fn(&TaskRun, &State);
 /// A flow's state hook: the flow run, and the final state it entered.
 pub type FlowHook = fn(&FlowRunInfo, &State);
 
+/// Whether a failed attempt of a task is worth a retry: given the `Failed` state the
+/// attempt would end the run in (its message is the task's error), `true` retries it (if
+/// retries are left). `#[task(retries = 3, retry_condition_fn = is_transient)]`. It runs
+/// where the attempt ran: on Ray, in the executor on the worker. A panic counts as `false`.
+pub type RetryCondition = fn(&State) -> bool;
+
 /// The hooks of a task or flow, per final state.
 #[derive(Debug)]
 pub struct StateHooks<H: 'static> {

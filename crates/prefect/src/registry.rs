@@ -55,6 +55,9 @@ pub struct TaskDefinition {
     pub body: TaskBody,
     /// What to call when a run ends, per final state.
     pub hooks: crate::hooks::StateHooks<crate::hooks::TaskHook>,
+    /// Whether a failed attempt is worth a retry (`#[task(retry_condition_fn = f)]`); every
+    /// failure is when `None`.
+    pub retry_condition: Option<crate::hooks::RetryCondition>,
 }
 
 /// Every task in the program, registered by `#[task]`.

@@ -100,7 +100,7 @@ pub fn execute(
     let borrowed: Vec<&[u8]> = args.iter().map(|arg| arg.as_ref()).collect();
     // An attempt on a thread of its own (one with a timeout) needs arguments it can keep.
     let mut owned: Option<Arc<Vec<Vec<u8>>>> = None;
-    let mut retries = Retries::new(options);
+    let mut retries = Retries::new(task, options);
     report(State::running());
     loop {
         let outcome = match (task.body, options.timeout()) {
@@ -142,7 +142,7 @@ pub(crate) async fn execute_async(
     install_panic_hook();
     let args = Arc::new(args);
     let job = async move {
-        let mut retries = Retries::new(&options);
+        let mut retries = Retries::new(task, &options);
         report(State::running());
         loop {
             let outcome = match (task.body, options.timeout()) {
@@ -190,19 +190,32 @@ enum Next {
 /// Counts retries and decides what follows an attempt.
 struct Retries<'a> {
     options: &'a TaskOptions,
+    condition: Option<crate::hooks::RetryCondition>,
     used: u32,
 }
 
 impl<'a> Retries<'a> {
-    fn new(options: &'a TaskOptions) -> Self {
-        Self { options, used: 0 }
+    fn new(task: &TaskDefinition, options: &'a TaskOptions) -> Self {
+        Self { options, condition: task.retry_condition, used: 0 }
+    }
+
+    /// Whether the task's retry condition (if any) says the failure is worth a retry.
+    fn worth_retrying(&self, failure: &TaskFailure) -> bool {
+        let Some(condition) = self.condition else { return true };
+        let state =
+            if failure.timed_out { State::timed_out(&failure.message) } else { State::failed(&failure.message) };
+        let answer = std::panic::catch_unwind(|| condition(&state)).unwrap_or(false);
+        if !answer {
+            tracing::info!(target: "prefect::task_run", "The task's retry condition declined a retry");
+        }
+        answer
     }
 
     fn after(&mut self, outcome: Result<Vec<u8>, TaskFailure>, span: &Span) -> Next {
         let _entered = span.enter();
         match outcome {
             Ok(bytes) => Next::Done(Execution { state: State::completed(), result: Some(bytes) }),
-            Err(failure) if failure.retryable && self.used < self.options.retries => {
+            Err(failure) if failure.retryable && self.used < self.options.retries && self.worth_retrying(&failure) => {
                 self.used += 1;
                 let delay = self.options.retry_delay(self.used);
                 let when = if delay.is_zero() {

@@ -442,6 +442,7 @@ mod tests {
         run_name: None,
         body: TaskBody::Sync(|_| Ok(Vec::new())),
         hooks: crate::hooks::StateHooks::NONE,
+        retry_condition: None,
     };
 
     fn writer() -> TaskRunWriter {

@@ -625,3 +625,25 @@ fn state_hooks_run_once_per_final_state_of_tasks_and_flows() {
     expected.sort();
     assert_eq!(calls, expected);
 }
+
+#[test]
+fn a_retry_condition_decides_which_failures_are_retried() {
+    use std::sync::atomic::AtomicU32;
+    static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
+    fn transient_only(state: &State) -> bool {
+        state.message.as_deref().is_some_and(|message| message.contains("transient"))
+    }
+    #[task(retries = 3, retry_condition_fn = transient_only)]
+    fn sometimes(error: String) -> Result<u32, String> {
+        ATTEMPTS.fetch_add(1, Ordering::SeqCst);
+        Err(error)
+    }
+    #[flow]
+    fn conditional(error: String) -> u32 {
+        ATTEMPTS.store(0, Ordering::SeqCst);
+        sometimes.submit(error).wait(None);
+        ATTEMPTS.load(Ordering::SeqCst)
+    }
+    assert_eq!(conditional("a permanent error".into()).unwrap(), 1, "not worth a retry");
+    assert_eq!(conditional("a transient error".into()).unwrap(), 4, "tried, then retried three times");
+}
