@@ -182,7 +182,11 @@ impl Client {
         state: &StateCreate,
         force: bool,
     ) -> Result<Orchestration, ApiError> {
-        let path = format!("/flow_runs/{flow_run_id}/set_state");
+        self.set_state(format!("/flow_runs/{flow_run_id}/set_state"), state, force)
+    }
+
+    /// `POST {path}` of a run's `set_state`, and the server's decision.
+    pub(crate) fn set_state(&self, path: String, state: &StateCreate, force: bool) -> Result<Orchestration, ApiError> {
         let answer = self.post(&path, &json!({"state": state, "force": force}))?;
         Orchestration::from_json(answer).map_err(|message| ApiError::Decode { path, message })
     }

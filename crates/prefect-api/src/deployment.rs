@@ -203,9 +203,7 @@ impl Client {
         state: &StateCreate,
         force: bool,
     ) -> Result<Orchestration, ApiError> {
-        let path = format!("/task_runs/{task_run_id}/set_state");
-        let answer = self.post(&path, &json!({"state": state, "force": force}))?;
-        Orchestration::from_json(answer).map_err(|message| ApiError::Decode { path, message })
+        self.set_state(format!("/task_runs/{task_run_id}/set_state"), state, force)
     }
 }
 

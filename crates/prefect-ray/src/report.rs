@@ -39,27 +39,19 @@ pub(crate) struct Shown {
 #[derive(Default)]
 pub(crate) struct Recent(std::collections::VecDeque<Ended>);
 
-/// A run that ended without completing, as far as its late lines go.
+/// A run that ended without completing, as far as its late lines go: its read-only view
+/// (id and span) and what of it was shown.
 pub(crate) struct Ended {
-    id: uuid::Uuid,
-    span: tracing::Span,
-    shown: Shown,
     run: TaskRun,
+    shown: Shown,
 }
 
 impl Ended {
     /// What a late line of `pending` needs, taken before the run ends.
     pub(crate) fn of(pending: &PendingRun) -> Self {
-        Self {
-            id: pending.run.id(),
-            span: pending.run.span().clone(),
-            shown: pending.live.as_deref().cloned().unwrap_or_default(),
-            run: pending.run.run().clone(),
-        }
+        Self { run: pending.run.run().clone(), shown: pending.live.as_deref().cloned().unwrap_or_default() }
     }
-}
 
-impl Ended {
     /// Whether the run completed (its lines were all in its report).
     pub(crate) fn completed(&self) -> bool {
         self.run.state().is_completed()
@@ -80,10 +72,10 @@ impl Recent {
 
     /// Shows a late line of a run kept here; returns whether the run was.
     pub(crate) fn show(&mut self, run: uuid::Uuid, line: &LiveLine) -> bool {
-        let Some(ended) = self.0.iter_mut().find(|ended| ended.id == run) else { return false };
+        let Some(ended) = self.0.iter_mut().find(|ended| ended.run.id() == run) else { return false };
         let (Some(seq), Some(output)) = (line.seq, output_line(line)) else { return true };
         if ended.shown.lines.insert((line.pid, seq)) {
-            let _entered = ended.span.enter();
+            let _entered = ended.run.span().enter();
             replay(&output);
         }
         true

@@ -41,6 +41,15 @@ impl Arrivals {
     }
 }
 
+/// Reports to the shared test server, or to one of this test's own (kept alive by the first
+/// value); returns a client to read back what arrived.
+fn report_to_a_server() -> (Option<TestServer>, Client) {
+    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    prefect::reporting::connect(&api_url, None).unwrap();
+    (own, Client::new(&api_url))
+}
+
 fn arrivals() -> &'static Arc<Arrivals> {
     static ARRIVALS: std::sync::OnceLock<Arc<Arrivals>> = std::sync::OnceLock::new();
     ARRIVALS.get_or_init(|| {
@@ -73,10 +82,7 @@ fn talk(cluster: Option<&Cluster>, through_client: bool, name: String, ids: std:
 /// the server, well before the task ended.
 fn first_line_arrives_while_the_task_runs(cluster: Option<&Cluster>, through_client: bool, name: &str) {
     let arrivals = arrivals();
-    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
-    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
-    prefect::reporting::connect(&api_url, None).unwrap();
-    let client = Client::new(&api_url);
+    let (_own, client) = report_to_a_server();
 
     let (ids, id) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
@@ -149,10 +155,7 @@ fn before_the_kill(name: String) {
 #[test]
 fn what_a_task_wrote_before_its_executor_was_killed_still_arrives() {
     let arrivals = arrivals();
-    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
-    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
-    prefect::reporting::connect(&api_url, None).unwrap();
-    let client = Client::new(&api_url);
+    let (_own, client) = report_to_a_server();
 
     #[flow(task_runner = RayTaskRunner::new())]
     fn killed(ids: std::sync::mpsc::Sender<Uuid>) -> (State, String) {
@@ -256,10 +259,7 @@ fn halfway() -> u32 {
 #[test]
 fn progress_said_inside_a_task_arrives_while_it_runs_and_becomes_an_artifact() {
     let arrivals = arrivals();
-    let own = std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().unwrap());
-    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
-    prefect::reporting::connect(&api_url, None).unwrap();
-    let client = Client::new(&api_url);
+    let (_own, client) = report_to_a_server();
     let cluster = cluster();
 
     #[flow(task_runner = cluster.runner())]

@@ -223,10 +223,14 @@ where
 }
 
 /// The target of the events [`crate::progress`] emits: progress, not log lines.
-pub(crate) const PROGRESS_TARGET: &str = "prefect::progress";
+pub const PROGRESS_TARGET: &str = "prefect::progress";
 
-/// The `progress` field of a progress event.
-fn progress_of(event: &Event<'_>) -> Option<f64> {
+/// The fraction a [`crate::progress`] event carries, if `event` is one: for a runner whose
+/// executor records events itself.
+pub fn progress_of(event: &Event<'_>) -> Option<f64> {
+    if event.metadata().target() != PROGRESS_TARGET {
+        return None;
+    }
     struct Progress(Option<f64>);
     impl Visit for Progress {
         fn record_f64(&mut self, field: &Field, value: f64) {

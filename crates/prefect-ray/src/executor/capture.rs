@@ -316,36 +316,18 @@ impl<S: Subscriber> Layer<S> for RecordEvents {
 
     fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
         metadata.is_span()
-            || metadata.target() == "prefect::progress"
+            || metadata.target() == prefect::logging::PROGRESS_TARGET
             || level_number(*metadata.level()) <= self.0.0.level.load(Ordering::Relaxed)
     }
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-        if event.metadata().target() == "prefect::progress" {
-            if let Some(fraction) = progress_of(event) {
-                self.0.lock().progress(fraction);
-            }
+        if let Some(fraction) = prefect::logging::progress_of(event) {
+            self.0.lock().progress(fraction);
             return;
         }
         let level = level_number(*event.metadata().level());
         self.0.record(Stream::Log(level), prefect::logging::event_message(event));
     }
-}
-
-/// The `progress` field of a `prefect::progress` event.
-fn progress_of(event: &Event<'_>) -> Option<f64> {
-    struct Progress(Option<f64>);
-    impl tracing::field::Visit for Progress {
-        fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-            if field.name() == "progress" {
-                self.0 = Some(value);
-            }
-        }
-        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
-    }
-    let mut progress = Progress(None);
-    event.record(&mut progress);
-    progress.0
 }
 
 fn level_number(level: tracing::Level) -> u8 {

@@ -142,23 +142,30 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
-/// Every process below `pid`.
-pub fn descendants(pid: u32) -> BTreeSet<u32> {
+/// Every process and its parent, from `/proc`.
+fn parents() -> Vec<(u32, u32)> {
     let mut parents = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(child.to_string()).join("stat")) else {
-            continue;
-        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // The parent is the second field after the parenthesised command name.
         if let Some(parent) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok()) {
             parents.push((child, parent));
         }
     }
+    parents
+}
+
+/// Every process below `pid`.
+pub fn descendants(pid: u32) -> BTreeSet<u32> {
+    below(pid, &parents())
+}
+
+fn below(pid: u32, parents: &[(u32, u32)]) -> BTreeSet<u32> {
     let mut found = BTreeSet::new();
     let mut frontier = vec![pid];
     while let Some(next) = frontier.pop() {
-        for (child, parent) in &parents {
+        for (child, parent) in parents {
             if *parent == next && found.insert(*child) {
                 frontier.push(*child);
             }
@@ -171,20 +178,10 @@ pub fn descendants(pid: u32) -> BTreeSet<u32> {
 /// (a served run's own process is one).
 pub fn executors_below(pid: u32) -> Vec<u32> {
     let exe = std::env::current_exe().unwrap();
-    descendants(pid)
+    let parents = parents();
+    below(pid, &parents)
         .into_iter()
-        .filter(|process| !descendants_direct(pid).contains(process))
+        .filter(|process| !parents.contains(&(*process, pid)))
         .filter(|process| std::fs::read_link(format!("/proc/{process}/exe")).is_ok_and(|path| path == exe))
-        .collect()
-}
-
-pub fn descendants_direct(pid: u32) -> BTreeSet<u32> {
-    descendants(pid)
-        .into_iter()
-        .filter(|process| {
-            std::fs::read_to_string(format!("/proc/{process}/stat")).is_ok_and(|stat| {
-                stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok()) == Some(pid)
-            })
-        })
         .collect()
 }
