@@ -2,11 +2,12 @@
 
 mod isolated;
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -69,7 +70,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
 /// ```
 #[derive(Debug)]
 pub struct LocalCluster {
-    nodes: Vec<Child>,
+    nodes: Vec<Node>,
     gcs_address: String,
     client_address: String,
     auth_token: String,
@@ -107,7 +108,7 @@ impl LocalCluster {
     /// If `index` is 0 (the head) or names no node.
     pub fn kill_node(&mut self, index: usize) {
         assert!(index > 0, "the head is not killed: the cluster would go with it");
-        let node = &mut self.nodes[index];
+        let node = &mut self.nodes[index].process;
         // SAFETY: kill(2) on a process group we started; no memory is involved.
         unsafe { libc::kill(-(node.id() as libc::pid_t), libc::SIGKILL) };
         let _ = node.wait();
@@ -153,8 +154,14 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test learns what the cluster said, and whether a node had died.
+            for (index, node) in self.nodes.iter_mut().enumerate() {
+                eprintln!("{}", node.describe(index));
+            }
+        }
         for node in self.nodes.iter_mut().rev() {
-            stop_group(node);
+            stop_group(&mut node.process);
         }
         self.dir.take();
     }
@@ -348,8 +355,32 @@ fn node_command(mut command: Command, env: &[(String, String)], token: &str, tem
     command
 }
 
+/// A node's process, and its last lines of output, kept for a test that fails.
+#[derive(Debug)]
+struct Node {
+    process: Child,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How many of a node's last lines of output are kept.
+const KEPT_LINES: usize = 40;
+
+impl Node {
+    /// Whether the node is still running, and what it said last.
+    fn describe(&mut self, index: usize) -> String {
+        let role = if index == 0 { "head".to_owned() } else { format!("node {index}") };
+        let status = match self.process.try_wait() {
+            Ok(Some(status)) => format!("exited ({status})"),
+            _ => "running".to_owned(),
+        };
+        let output = self.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lines: Vec<&str> = output.iter().map(String::as_str).collect();
+        format!("Ray {role} (pid {}) is {status}; its last output:\n{}", self.process.id(), lines.join("\n"))
+    }
+}
+
 /// Starts a node and waits for the line that says it is up.
-fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child, ClusterError> {
+fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Node, ClusterError> {
     let mut child = command.spawn().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             ClusterError::Ray(RayError::NoPython { hint: python::install_hint(python), python: python.into(), source })
@@ -357,6 +388,7 @@ fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child,
             ClusterError::Io { what: "could not start a Ray node".into(), source }
         }
     })?;
+    let output = Arc::new(Mutex::new(VecDeque::with_capacity(KEPT_LINES)));
     let (sender, receiver) = mpsc::channel();
     for stream in [
         child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -365,26 +397,36 @@ fn start_node(mut command: Command, ready: &str, python: &Path) -> Result<Child,
     .into_iter()
     .flatten()
     {
-        let sender = sender.clone();
+        let (sender, output) = (sender.clone(), Arc::clone(&output));
+        // Reads until the node ends, so it never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut kept = output.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if kept.len() == KEPT_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line.clone());
+                drop(kept);
                 let _ = sender.send(line);
             }
         });
     }
     drop(sender);
-    let mut seen = Vec::new();
     loop {
         match receiver.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.contains(ready) => {
-                // Keep draining so the node never blocks on a full pipe.
-                std::thread::spawn(move || receiver.into_iter().for_each(drop));
-                return Ok(child);
-            }
-            Ok(line) => seen.push(line),
+            Ok(line) if line.contains(ready) => return Ok(Node { process: child, output }),
+            Ok(_) => {}
             Err(_) => {
                 stop_group(&mut child);
-                let tail: Vec<_> = seen.iter().rev().take(15).rev().cloned().collect();
+                let tail: Vec<String> = output
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .rev()
+                    .take(15)
+                    .rev()
+                    .cloned()
+                    .collect();
                 let missing = tail.iter().any(|l| l.contains("No module named"));
                 return Err(if missing {
                     ClusterError::Ray(RayError::NoRay { hint: python::install_hint(python), python: python.into() })
