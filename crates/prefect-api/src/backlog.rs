@@ -14,7 +14,7 @@ pub(crate) enum Deferred {
     Event(Box<Event>),
     Log(LogCreate),
     /// A flow run's state: the server's id of the run, and the state.
-    State(Uuid, StateCreate),
+    State(Uuid, Box<StateCreate>),
 }
 
 /// The next request to make from the front of the backlog.
@@ -22,7 +22,7 @@ pub(crate) enum Deferred {
 pub(crate) enum Batch {
     Events(Vec<Event>),
     Logs(Vec<LogCreate>),
-    State(Uuid, StateCreate),
+    State(Uuid, Box<StateCreate>),
 }
 
 /// Deferred work, oldest first, at most `capacity` pieces.
@@ -117,7 +117,7 @@ mod tests {
     }
 
     fn state(name: &str) -> Deferred {
-        Deferred::State(Uuid::nil(), StateCreate::new(&name.to_uppercase(), name))
+        Deferred::State(Uuid::nil(), Box::new(StateCreate::new(&name.to_uppercase(), name)))
     }
 
     fn messages(batch: &Batch) -> Vec<String> {

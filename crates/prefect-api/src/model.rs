@@ -29,12 +29,21 @@ pub struct StateCreate {
     pub message: Option<String>,
     /// Details such as `scheduled_time` for a `SCHEDULED` state.
     pub state_details: Map<String, Value>,
+    /// The state's data: for a persisted result, its record's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
 }
 
 impl StateCreate {
     /// A state of `state_type` (as the API spells it) named `name`.
     pub fn new(state_type: &str, name: &str) -> Self {
-        Self { state_type: state_type.to_owned(), name: name.to_owned(), message: None, state_details: Map::new() }
+        Self {
+            state_type: state_type.to_owned(),
+            name: name.to_owned(),
+            message: None,
+            state_details: Map::new(),
+            data: None,
+        }
     }
 
     /// The same state with a message.

@@ -483,14 +483,14 @@ impl Worker {
     /// Proposes a flow run's state; kept for later if the server is down.
     fn set_state(&mut self, server: Uuid, state: StateCreate) -> Option<Orchestration> {
         if !self.backlog.is_empty() {
-            self.keep(Batch::State(server, state));
+            self.keep(Batch::State(server, Box::new(state)));
             return None;
         }
         let path = format!("/flow_runs/{server}/set_state");
         match self.call(&path, false, |c| c.set_flow_run_state(server, &state, false)) {
             Ok(answer) => Some(answer),
             Err(Failure::Down) => {
-                self.keep(Batch::State(server, state));
+                self.keep(Batch::State(server, Box::new(state)));
                 None
             }
             Err(Failure::Rejected) => None,
@@ -673,6 +673,7 @@ pub fn task_run_state_event(
                 "name": state.name,
                 "message": state.message.clone().unwrap_or_default(),
                 "state_details": state.state_details,
+                "data": state.data,
             },
             "task_run": task_run,
         }),

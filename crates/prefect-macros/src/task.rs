@@ -27,6 +27,12 @@ const OPTIONS: &[&str] = &[
     "on_crashed",
     "on_cancellation",
     "retry_condition_fn",
+    "persist_result",
+    "cache_policy",
+    "cache_key_fn",
+    "cache_expiration",
+    "refresh_cache",
+    "result_storage",
 ];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
@@ -46,6 +52,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let mut run_name_template = None;
     let mut settings = Vec::new();
     let mut retry_condition = quote! { ::core::option::Option::None };
+    let mut cache_key_fn = quote! { ::core::option::Option::None };
     for option in &options {
         let key = option.name.to_string();
         match key.as_str() {
@@ -87,6 +94,48 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                         CONDITION
                     })
                 };
+            }
+            "cache_key_fn" => {
+                let function = option.expr()?;
+                cache_key_fn = quote! {
+                    ::core::option::Option::Some({
+                        const KEY: ::prefect::results::CacheKeyFn = #function;
+                        KEY
+                    })
+                };
+            }
+            "persist_result" | "refresh_cache" => {
+                let value = option.expr()?;
+                let field = format_ident!("{}", key);
+                settings.push(if key == "persist_result" {
+                    quote! { __options.persist_result = ::core::option::Option::Some(#value); }
+                } else {
+                    quote! { __options.#field = #value; }
+                });
+            }
+            "cache_policy" => {
+                let value = option.expr()?;
+                // INPUTS, TASK_SOURCE, ... by their Prefect names, combined with `+`.
+                settings.push(quote! {
+                    __options.cache_policy = ::core::option::Option::Some({
+                        #[allow(unused_imports)]
+                        use ::prefect::results::policies::*;
+                        #value
+                    });
+                });
+            }
+            "cache_expiration" => {
+                option.check_numbers(Range::Positive, "seconds")?;
+                let value = option.expr()?;
+                settings.push(
+                    quote! { __options.cache_expiration_seconds = ::core::option::Option::Some((#value) as f64); },
+                );
+            }
+            "result_storage" => {
+                let value = option.string()?;
+                settings.push(quote! {
+                    __options.result_storage = ::core::option::Option::Some(::std::string::String::from(#value));
+                });
             }
             "remote_options" => {
                 let attributes::Value::Map(entries) = &option.value else {
@@ -241,6 +290,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             body: ::prefect::__private::TaskBody::#body_kind(#handle_type::__body),
             hooks: #hooks,
             retry_condition: #retry_condition,
+            cache_key_fn: #cache_key_fn,
         };
 
         #(#checks)*

@@ -270,6 +270,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
         upstreams: upstream_names,
         wait_for: wait_names,
         output,
+        results: spec.results.clone(),
     };
     let header = match rmp_serde::to_vec_named(&header) {
         Ok(header) => header,

@@ -87,6 +87,28 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
     let size = 2u64 << 20;
     assert_eq!(sums, [3 * size, 5 * size, 3 * size], "values passed from the node, to it, and back to the program");
 
+    // Results are written from the worker: on the isolated node, in its own /tmp, which the
+    // program never sees; the second run finds them there.
+    #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token))]
+    fn kept_there(address: &str, token: &str, storage: String) -> (String, u64) {
+        let made = made_there.with_options(|o| {
+            o.result_storage = Some(storage.clone());
+            o.cache_policy = Some(prefect::results::CachePolicy::INPUTS);
+        });
+        let future = made.submit(7);
+        let sum = future.result().unwrap().iter().map(|&b| u64::from(b)).sum();
+        (future.state().name, sum)
+    }
+    let storage = std::env::temp_dir().join(format!("prefect-results-{}", uuid::Uuid::new_v4().simple()));
+    let location = storage.display().to_string();
+    let first = kept_there(cluster.gcs_address(), cluster.auth_token(), location.clone()).unwrap();
+    let second = kept_there(cluster.gcs_address(), cluster.auth_token(), location).unwrap();
+    let seen_here = std::fs::read_dir(&storage).map(|entries| entries.count()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&storage);
+    assert_eq!(first, ("Completed".to_owned(), 7 * size));
+    assert_eq!(second, ("Cached".to_owned(), 7 * size), "the record the worker wrote on its own node");
+    assert_eq!(seen_here, 0, "no value passed through the program to be stored");
+
     // Not shipped, the program is not there: the run says so.
     #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token).ship_executor(false))]
     fn unshipped(address: &str, token: &str, program: String, checkout: String) -> TaskError {

@@ -13,6 +13,7 @@ use crate::into_arg::{ArgsBuilder, IntoArg, IntoMapArg, MapArg};
 use crate::observe::TaskRunInfo;
 use crate::options::TaskOptions;
 use crate::registry::TaskDefinition;
+use crate::results::ResultPlan;
 use crate::runner::TaskRunSpec;
 use crate::state::State;
 use crate::task_engine;
@@ -208,17 +209,19 @@ impl<V> Task<V> {
             writer.finish(State::cancelled(reason), None);
             return Err(run);
         }
-        let refused = match (error, options.validate()) {
-            (Some(error), _) => Some(format!("could not send the arguments of task '{}': {error}", definition.name)),
-            (None, Err(error)) => Some(format!("invalid options for task '{}': {error}", definition.name)),
-            (None, Ok(())) => None,
+        let results = ResultPlan::for_run(definition, &options, context.info.as_ref());
+        let refused = match (error, options.validate(), results.as_ref().map(ResultPlan::check)) {
+            (Some(error), _, _) => Some(format!("could not send the arguments of task '{}': {error}", definition.name)),
+            (None, Err(error), _) => Some(format!("invalid options for task '{}': {error}", definition.name)),
+            (None, Ok(()), Some(Err(error))) => Some(format!("task '{}': {error}", definition.name)),
+            _ => None,
         };
         if let Some(message) = refused {
             let run = writer.run().clone();
             writer.finish(State::failed(message), None);
             return Err(run);
         }
-        Ok(TaskRunSpec { run: writer, args, upstreams, wait_for: self.wait_for.clone(), options })
+        Ok(TaskRunSpec { run: writer, args, upstreams, wait_for: self.wait_for.clone(), options, results })
     }
 }
 

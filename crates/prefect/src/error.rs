@@ -319,6 +319,9 @@ pub enum OptionsError {
     /// A jitter factor that is negative, NaN or infinite.
     #[error("retry_jitter_factor is {0}; give a finite factor of zero or more")]
     Jitter(f64),
+    /// A cache expiration that is not a positive, finite number of seconds.
+    #[error("cache_expiration is {0} seconds; give a positive, finite number of seconds")]
+    CacheExpiration(f64),
 }
 
 /// How one attempt of a task ended without a value. Produced by task bodies and by the

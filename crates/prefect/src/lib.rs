@@ -22,6 +22,7 @@ mod progress;
 mod registry;
 #[cfg(feature = "reporting")]
 pub mod reporting;
+pub mod results;
 #[cfg(not(feature = "reporting"))]
 mod reporting {
     /// Without the `reporting` feature, there is no server to connect to.

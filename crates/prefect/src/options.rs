@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::OptionsError;
+use crate::results::CachePolicy;
 
 /// How a task's runs behave: retries, timeouts, tags, and the resources it asks of a runner.
 ///
@@ -49,6 +50,21 @@ pub struct TaskOptions {
     /// `num_cpus`, `num_gpus`, `memory` or `resources`. The engine only carries them; each runner
     /// documents the keys it understands.
     pub remote_options: Map<String, Value>,
+    /// Whether each run's value is written to result storage. `None` leaves it to the
+    /// cache options (a cache policy or key function persists) and then to the program's
+    /// `PREFECT_RESULTS_PERSIST_BY_DEFAULT`. See [`results`](crate::results).
+    pub persist_result: Option<bool>,
+    /// What a run's cache key is made of; Prefect's default (`INPUTS + TASK_SOURCE +
+    /// RUN_ID`) when `None`. Setting it persists results.
+    pub cache_policy: Option<CachePolicy>,
+    /// Seconds a stored value serves as a cached value; forever when `None`.
+    pub cache_expiration_seconds: Option<f64>,
+    /// Run even when a value is stored under the run's key, and store the new value.
+    pub refresh_cache: bool,
+    /// Where values are stored: a directory or a URL (`s3://bucket/prefix`, `file:///dir`);
+    /// the program's setting when `None` (`PREFECT_RESULTS_STORAGE`, else
+    /// `PREFECT_LOCAL_STORAGE_PATH`, else `~/.prefect/storage`).
+    pub result_storage: Option<String>,
 }
 
 impl TaskOptions {
@@ -79,6 +95,36 @@ impl TaskOptions {
     /// These options with one more tag.
     pub fn tag(mut self, tag: impl Into<String>) -> Self {
         self.tags.push(tag.into());
+        self
+    }
+
+    /// These options with results persisted, or not.
+    pub fn persist_result(mut self, persist: bool) -> Self {
+        self.persist_result = Some(persist);
+        self
+    }
+
+    /// These options with a cache policy (which persists results).
+    pub fn cache_policy(mut self, policy: CachePolicy) -> Self {
+        self.cache_policy = Some(policy);
+        self
+    }
+
+    /// These options with stored values serving as cached values for `seconds`.
+    pub fn cache_expiration_seconds(mut self, seconds: f64) -> Self {
+        self.cache_expiration_seconds = Some(seconds);
+        self
+    }
+
+    /// These options with cached values ignored and replaced.
+    pub fn refresh_cache(mut self, refresh: bool) -> Self {
+        self.refresh_cache = refresh;
+        self
+    }
+
+    /// These options with values stored at `location`: a directory or a URL.
+    pub fn result_storage(mut self, location: impl Into<String>) -> Self {
+        self.result_storage = Some(location.into());
         self
     }
 
@@ -113,6 +159,9 @@ impl TaskOptions {
         }
         if let Some(factor) = self.retry_jitter_factor.filter(|f| !is_seconds(*f)) {
             return Err(OptionsError::Jitter(factor));
+        }
+        if let Some(expiration) = self.cache_expiration_seconds.filter(|e| !is_positive_seconds(*e)) {
+            return Err(OptionsError::CacheExpiration(expiration));
         }
         Ok(())
     }

@@ -58,6 +58,8 @@ pub struct TaskDefinition {
     /// Whether a failed attempt is worth a retry (`#[task(retry_condition_fn = f)]`); every
     /// failure is when `None`.
     pub retry_condition: Option<crate::hooks::RetryCondition>,
+    /// The task's own cache key (`#[task(cache_key_fn = f)]`), instead of its cache policy's.
+    pub cache_key_fn: Option<crate::results::CacheKeyFn>,
 }
 
 /// Every task in the program, registered by `#[task]`.

@@ -252,6 +252,16 @@ fn state_create(state: &State) -> StateCreate {
     if let Some(at) = state.scheduled_time {
         create = create.scheduled_time(at);
     }
+    if let Some(persisted) = &state.persisted {
+        // Prefect's shape: the record's metadata as the state's data, the key in its details.
+        create.data = Some(persisted.metadata_json());
+        if let Some(key) = &persisted.cache_key {
+            create.state_details.insert("cache_key".into(), key.clone().into());
+        }
+        if let Some(expiration) = persisted.expiration {
+            create.state_details.insert("cache_expiration".into(), serde_json::json!(expiration));
+        }
+    }
     create
 }
 
@@ -277,6 +287,7 @@ fn engine_state(state: &prefect_api::StateRead) -> State {
             .and_then(|t| t.as_str())
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc)),
+        persisted: None,
     }
 }
 

@@ -30,6 +30,7 @@ pub use crate::wire::{Arg, Arguments, assemble};
 
 use crate::error::TaskError;
 use crate::options::TaskOptions;
+pub use crate::results::ResultPlan;
 use crate::state::State;
 
 /// Everything needed to execute one task run, here or anywhere.
@@ -45,6 +46,9 @@ pub struct TaskRunSpec {
     pub wait_for: Vec<TaskRun>,
     /// Retries, timeout, tags and remote options of this run.
     pub options: TaskOptions,
+    /// How the run's value is persisted and cached, if it is: pass it to [`execute`]
+    /// wherever the run executes.
+    pub results: Option<ResultPlan>,
 }
 
 impl TaskRunSpec {

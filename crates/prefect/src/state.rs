@@ -5,6 +5,8 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::results::PersistedResult;
+
 /// The kind of a [`State`], as Prefect's API names it.
 ///
 /// A state's *type* decides what the engine does; its *name* can be more specific
@@ -86,6 +88,9 @@ pub struct State {
     pub timestamp: DateTime<Utc>,
     /// For a `Scheduled` state: when the run is due to start.
     pub scheduled_time: Option<DateTime<Utc>>,
+    /// For a `Completed` state: where the run's value was persisted, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persisted: Option<PersistedResult>,
 }
 
 impl State {
@@ -97,6 +102,7 @@ impl State {
             message: None,
             timestamp: Utc::now(),
             scheduled_time: None,
+            persisted: None,
         }
     }
 
@@ -147,6 +153,18 @@ impl State {
     /// `Completed`.
     pub fn completed() -> Self {
         Self::new(StateType::Completed)
+    }
+
+    /// `Cached`: a `Completed` state for a run that did not run, because a value was stored
+    /// under its cache key.
+    pub fn cached(persisted: PersistedResult) -> Self {
+        Self::completed().named("Cached").with_persisted(persisted)
+    }
+
+    /// The same state, saying where the run's value was persisted.
+    pub fn with_persisted(mut self, persisted: PersistedResult) -> Self {
+        self.persisted = Some(persisted);
+        self
     }
 
     /// `Failed`, with the reason.

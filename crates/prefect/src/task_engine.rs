@@ -15,6 +15,7 @@ use crate::error::TaskFailure;
 use crate::options::TaskOptions;
 use crate::panic::{PanicAware, catch_task_panic, install_panic_hook, panic_failure};
 use crate::registry::{TaskBody, TaskDefinition};
+use crate::results::{Keeper, ResultPlan};
 use crate::runner::TaskRunSpec;
 use crate::state::State;
 use crate::task_run::ResultData;
@@ -52,7 +53,9 @@ pub fn run_here(spec: TaskRunSpec) {
     let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
     let args = assemble(&spec.args, &slices);
     let execution =
-        execute(spec.run.task(), &args, &spec.options, spec.run.span(), &mut |state| spec.run.set_state(state));
+        execute(spec.run.task(), &args, &spec.options, spec.results.as_ref(), spec.run.span(), &mut |state| {
+            spec.run.set_state(state)
+        });
     spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 
@@ -71,10 +74,11 @@ pub(crate) async fn run_here_async(spec: TaskRunSpec) {
     };
     let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
     let args: Vec<Vec<u8>> = assemble(&spec.args, &slices).into_iter().map(Cow::into_owned).collect();
-    let TaskRunSpec { run, options, .. } = spec;
+    let TaskRunSpec { run, options, results, .. } = spec;
     let view = run.run().clone();
     let execution =
-        execute_async(run.task(), args, options, run.span().clone(), move |state| view.enter_state(state)).await;
+        execute_async(run.task(), args, options, results, run.span().clone(), move |state| view.enter_state(state))
+            .await;
     run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 
@@ -86,10 +90,15 @@ pub(crate) async fn run_here_async(spec: TaskRunSpec) {
 /// returns, and its value is dropped. An async task runs on the engine's tokio runtime and
 /// is cancelled (dropped at its next `.await`) when it overruns. Options out of range fail
 /// the run before it starts.
+///
+/// With a [`ResultPlan`], a value stored under the run's cache key ends the run `Cached`
+/// without running it, and a new value is written to result storage from here (on Ray, from
+/// the worker that made it).
 pub fn execute(
     task: &'static TaskDefinition,
     args: &[Cow<'_, [u8]>],
     options: &TaskOptions,
+    results: Option<&ResultPlan>,
     span: &Span,
     report: &mut dyn FnMut(State),
 ) -> Execution {
@@ -98,6 +107,10 @@ pub fn execute(
     }
     install_panic_hook();
     let borrowed: Vec<&[u8]> = args.iter().map(|arg| arg.as_ref()).collect();
+    let keeper = match before_running(task, results, &borrowed, span) {
+        Before::Run(keeper) => keeper,
+        Before::Done(execution) => return execution,
+    };
     // An attempt on a thread of its own (one with a timeout) needs arguments it can keep.
     let mut owned: Option<Arc<Vec<Vec<u8>>>> = None;
     let mut retries = Retries::new(task, options);
@@ -117,7 +130,7 @@ pub fn execute(
             }
         };
         match retries.after(outcome, span) {
-            Next::Done(execution) => return execution,
+            Next::Done(execution) => return keep(execution, keeper.as_ref(), span),
             Next::Retry(delay) => {
                 report(State::awaiting_retry(Utc::now() + delay));
                 std::thread::sleep(delay);
@@ -133,6 +146,7 @@ pub(crate) async fn execute_async(
     task: &'static TaskDefinition,
     args: Vec<Vec<u8>>,
     options: TaskOptions,
+    results: Option<ResultPlan>,
     span: Span,
     mut report: impl FnMut(State) + Send + 'static,
 ) -> Execution {
@@ -141,6 +155,12 @@ pub(crate) async fn execute_async(
     }
     install_panic_hook();
     let args = Arc::new(args);
+    let borrowed: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    // Storage is read and written on a blocking thread: it may wait on the network.
+    let keeper = match before_running(task, results.as_ref(), &borrowed, &span) {
+        Before::Run(keeper) => keeper,
+        Before::Done(execution) => return execution,
+    };
     let job = async move {
         let mut retries = Retries::new(task, &options);
         report(State::running());
@@ -167,7 +187,14 @@ pub(crate) async fn execute_async(
                 }
             };
             match retries.after(outcome, &span) {
-                Next::Done(execution) => return execution,
+                Next::Done(execution) => {
+                    let span = span.clone();
+                    return tokio::task::spawn_blocking(move || keep(execution, keeper.as_ref(), &span))
+                        .await
+                        .unwrap_or_else(|error| {
+                            Execution::refused(format!("the task's result could not be kept: {error}"))
+                        });
+                }
                 Next::Retry(delay) => {
                     report(State::awaiting_retry(Utc::now() + delay));
                     tokio::time::sleep(delay).await;
@@ -180,6 +207,43 @@ pub(crate) async fn execute_async(
         state: State::crashed(format!("the task's runtime stopped: {error}")),
         result: None,
     })
+}
+
+/// What result keeping makes of a run before it runs.
+enum Before {
+    /// The run runs, and its value is kept after by the keeper, if any.
+    Run(Option<Keeper>),
+    /// The run is over: a stored value ended it `Cached`, or storage cannot be used.
+    Done(Execution),
+}
+
+fn before_running(task: &'static TaskDefinition, results: Option<&ResultPlan>, args: &[&[u8]], span: &Span) -> Before {
+    let Some(plan) = results else { return Before::Run(None) };
+    let _entered = span.enter();
+    match Keeper::new(task, plan, args) {
+        Ok(keeper) => match keeper.cached() {
+            Some((value, state)) => Before::Done(Execution { state, result: Some(value) }),
+            None => Before::Run(Some(keeper)),
+        },
+        Err(error) => Before::Done(Execution::refused(format!("task '{}': {error}", task.name))),
+    }
+}
+
+/// A completed execution with its value written to result storage; a failed one when the
+/// value could not be written (the run's value would be lost to later runs).
+fn keep(execution: Execution, keeper: Option<&Keeper>, span: &Span) -> Execution {
+    let (Some(keeper), Some(value)) = (keeper, execution.result.as_deref()) else { return execution };
+    if !execution.state.is_completed() {
+        return execution;
+    }
+    let _entered = span.enter();
+    match keeper.keep(value) {
+        Ok(persisted) => Execution { state: execution.state.with_persisted(persisted), result: execution.result },
+        Err(error) => {
+            tracing::error!(target: "prefect::task_run", "{error}");
+            Execution::refused(format!("the run's value could not be persisted: {error}; check the result storage"))
+        }
+    }
 }
 
 enum Next {

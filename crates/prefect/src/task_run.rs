@@ -443,6 +443,7 @@ mod tests {
         body: TaskBody::Sync(|_| Ok(Vec::new())),
         hooks: crate::hooks::StateHooks::NONE,
         retry_condition: None,
+        cache_key_fn: None,
     };
 
     fn writer() -> TaskRunWriter {

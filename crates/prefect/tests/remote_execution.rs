@@ -29,7 +29,8 @@ fn child_executes_a_task_by_key() {
         std::env::var("TASK_ARGS").unwrap().split(',').map(|arg| Cow::Owned(unhex(arg))).collect();
     let task = runner::lookup(&key).expect("the task is registered in this binary");
     assert_eq!(task.fingerprint, std::env::var("TASK_FINGERPRINT").unwrap());
-    let execution = prefect::runner::execute(task, &args, &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+    let execution =
+        prefect::runner::execute(task, &args, &TaskOptions::default(), None, &tracing::Span::none(), &mut |_| {});
     assert!(execution.state.is_completed(), "{}", execution.state);
     println!("RESULT={}", hex(&execution.result.unwrap()));
 }
@@ -66,6 +67,7 @@ fn undecodable_arguments_name_the_task_and_parameter() {
         definition,
         &args,
         &TaskOptions::default().retries(3),
+        None,
         &tracing::Span::none(),
         &mut |s| states.push(s.name),
     );
@@ -99,7 +101,7 @@ fn tasks_of_one_name_in_two_functions_of_a_module_have_keys_of_their_own() {
         let found = runner::lookup(definition.key).expect("each key finds its task");
         assert!(std::ptr::eq(found, definition), "{} found another task", definition.key);
         let execution =
-            prefect::runner::execute(found, &[], &TaskOptions::default(), &tracing::Span::none(), &mut |_| {});
+            prefect::runner::execute(found, &[], &TaskOptions::default(), None, &tracing::Span::none(), &mut |_| {});
         let value: String = rmp_serde::from_slice(&execution.result.unwrap()).unwrap();
         assert_eq!(value, expected);
     }

@@ -160,7 +160,7 @@ fn execute<'a>(
     }
     let args = assemble(&header.args, &upstream_values);
     let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
-    let execution = runner::execute(task, &args, &header.options, &span, &mut |state| {
+    let execution = runner::execute(task, &args, &header.options, header.results.as_ref(), &span, &mut |state| {
         if state.is_running() {
             output.running(state.timestamp);
         }

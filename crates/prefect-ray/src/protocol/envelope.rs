@@ -5,7 +5,7 @@
 //! dependent run (or the trampoline) can tell without decoding the rest.
 
 use chrono::{DateTime, Utc};
-use prefect::runner::Arg;
+use prefect::runner::{Arg, ResultPlan};
 use prefect::{State, TaskOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -33,6 +33,9 @@ pub(crate) struct CallHeader {
     pub(crate) wait_for: Vec<String>,
     /// What of the run's output to keep.
     pub(crate) output: OutputSettings,
+    /// How the run's value is persisted and cached, if it is: the executor reads and writes
+    /// result storage from the worker.
+    pub(crate) results: Option<ResultPlan>,
 }
 
 /// What of a run's output the executor keeps (and shows live): the program's settings, so
@@ -107,13 +110,15 @@ pub(crate) struct RunReport {
     pub(crate) pid: u32,
 }
 
-/// States as `[type, name if not the type's, message, time in µs, scheduled time in µs]`.
+/// States as `[type, name if not the type's, message, time in µs, scheduled time in µs,
+/// persisted result]`.
 mod compact_states {
     use chrono::{DateTime, Utc};
+    use prefect::results::PersistedResult;
     use prefect::{State, StateType};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    type Wire = (StateType, Option<String>, Option<String>, i64, Option<i64>);
+    type Wire = (StateType, Option<String>, Option<String>, i64, Option<i64>, Option<PersistedResult>);
 
     pub(crate) fn serialize<S: Serializer>(states: &[State], serializer: S) -> Result<S::Ok, S::Error> {
         let wire: Vec<Wire> = states
@@ -121,7 +126,15 @@ mod compact_states {
             .map(|state| {
                 let name = (state.name != state.state_type.default_name()).then(|| state.name.clone());
                 let scheduled = state.scheduled_time.map(|t| t.timestamp_micros());
-                (state.state_type, name, state.message.clone(), state.timestamp.timestamp_micros(), scheduled)
+                let persisted = state.persisted.clone();
+                (
+                    state.state_type,
+                    name,
+                    state.message.clone(),
+                    state.timestamp.timestamp_micros(),
+                    scheduled,
+                    persisted,
+                )
             })
             .collect();
         wire.serialize(serializer)
@@ -132,12 +145,13 @@ mod compact_states {
         let wire = Vec::<Wire>::deserialize(deserializer)?;
         Ok(wire
             .into_iter()
-            .map(|(state_type, name, message, timestamp, scheduled)| State {
+            .map(|(state_type, name, message, timestamp, scheduled, persisted)| State {
                 state_type,
                 name: name.unwrap_or_else(|| state_type.default_name().to_owned()),
                 message,
                 timestamp: time(timestamp),
                 scheduled_time: scheduled.map(time),
+                persisted,
             })
             .collect())
     }
