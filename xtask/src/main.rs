@@ -7,6 +7,7 @@ mod bench;
 mod downstream;
 mod prefect_server;
 mod python;
+mod s3_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -76,6 +77,7 @@ fn setup(prefect: bool) -> Result {
     python::ray_venv(&root())?;
     if prefect {
         python::prefect_venv(&root())?;
+        s3_server::ensure(&root())?;
     }
     Ok(())
 }
@@ -95,6 +97,7 @@ struct Services {
 
 impl Services {
     fn start(ray_python: &Path, prefect_python: &Path) -> Result<Self> {
+        let s3_server = s3_server::ensure(&root())?;
         // One Ray cluster for every test that only needs a cluster; tests of the temporary
         // instance start their own.
         eprintln!("xtask: starting the shared Ray test cluster");
@@ -117,6 +120,7 @@ impl Services {
             ("PREFECT_RAY_TEST_CLUSTER", shared.to_string()),
             ("PREFECT_RAY_PYTHON", ray_python.display().to_string()),
             (prefect_server::SHARED_SERVER_ENV, prefect.api_url()),
+            (s3_server::BIN_ENV, s3_server.display().to_string()),
         ];
         Ok(Self { _cluster: cluster, prefect, env })
     }
