@@ -155,11 +155,16 @@ pub(crate) async fn execute_async(
     }
     install_panic_hook();
     let args = Arc::new(args);
-    let borrowed: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
     // Storage is read and written on a blocking thread: it may wait on the network.
-    let keeper = match before_running(task, results.as_ref(), &borrowed, &span) {
-        Before::Run(keeper) => keeper,
-        Before::Done(execution) => return execution,
+    let (looked_up, looking_span) = (Arc::clone(&args), span.clone());
+    let before = tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<&[u8]> = looked_up.iter().map(Vec::as_slice).collect();
+        before_running(task, results.as_ref(), &borrowed, &looking_span)
+    });
+    let keeper = match before.await {
+        Ok(Before::Run(keeper)) => keeper,
+        Ok(Before::Done(execution)) => return execution,
+        Err(error) => return Execution::refused(format!("the task's cached value could not be looked up: {error}")),
     };
     let job = async move {
         let mut retries = Retries::new(task, &options);

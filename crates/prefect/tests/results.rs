@@ -247,3 +247,30 @@ fn the_server_shows_cached_runs_with_their_records() {
         assert_eq!(states, ["Pending", "Cached"]);
     }
 }
+
+#[task(cache_policy = INPUTS)]
+async fn fetch(page: u32) -> u32 {
+    MEASURED.fetch_add(1, Ordering::SeqCst);
+    page * 10
+}
+
+#[test]
+fn async_tasks_are_cached_too() {
+    let (_dir, storage) = storage();
+    #[flow]
+    async fn crawl(storage: String) -> Vec<(String, u32)> {
+        let fetching = fetch.with_options(|o| o.result_storage = Some(storage.clone()));
+        let mut seen = Vec::new();
+        for page in [1, 2, 1] {
+            let future = fetching.submit(page);
+            let run = future.task_run().clone();
+            let value = future.await.unwrap();
+            seen.push((run.state().name, value));
+        }
+        seen
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let seen = runtime.block_on(crawl(storage)).unwrap();
+    let expected = [("Completed", 10), ("Completed", 20), ("Cached", 10)];
+    assert_eq!(seen, expected.map(|(name, value)| (name.to_owned(), value)));
+}
