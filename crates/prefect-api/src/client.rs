@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::model::{Event, FlowRunCreate, LogCreate, Orchestration, StateCreate, TaskRunCreate};
+use crate::model::{ArtifactCreate, Event, FlowRunCreate, LogCreate, Orchestration, StateCreate, TaskRunCreate};
 
 /// A client for one Prefect server's API, such as `http://127.0.0.1:4200/api`.
 ///
@@ -130,6 +130,17 @@ impl Client {
             "description": "How far the task run said it is (prefect::progress)",
         });
         let answer = self.post("/artifacts/", &body)?;
+        id_of("/artifacts/", &answer)
+    }
+
+    /// Creates an artifact of `kind` (`markdown`, `table`, ...) for a task run or flow run;
+    /// returns the id the server gave it.
+    ///
+    /// # Errors
+    ///
+    /// If the request fails.
+    pub fn create_artifact(&self, artifact: &ArtifactCreate<'_>) -> Result<Uuid, ApiError> {
+        let answer = self.post("/artifacts/", artifact)?;
         id_of("/artifacts/", &answer)
     }
 

@@ -38,7 +38,7 @@ pub use client::Client;
 pub use deployment::{DeploymentCreate, FINAL_STATE_TYPES, FlowRunRead, Schedule, ScheduleCreate, TaskRunRead};
 pub use error::ApiError;
 pub use model::{
-    Event, FlowRunCreate, FlowRunPolicy, LogCreate, Orchestration, StateCreate, StateRead, TaskRunCreate, task_inputs,
-    task_run_policy,
+    ArtifactCreate, Event, FlowRunCreate, FlowRunPolicy, LogCreate, Orchestration, StateCreate, StateRead,
+    TaskRunCreate, task_inputs, task_run_policy,
 };
 pub use reporter::{NewFlowRun, Reporter, task_run_state_event};

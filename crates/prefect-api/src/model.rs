@@ -197,6 +197,24 @@ pub struct LogCreate {
     pub task_run_id: Option<Uuid>,
 }
 
+/// An artifact for `POST /artifacts/` (`ArtifactCreate`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ArtifactCreate<'a> {
+    /// `markdown`, `table`, `progress`, ...
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// The key the UI keeps its history under, if any.
+    pub key: Option<&'a str>,
+    /// The content: markdown text, or a table as JSON text.
+    pub data: &'a str,
+    /// A markdown description.
+    pub description: Option<&'a str>,
+    /// The flow run it belongs to (the server's id).
+    pub flow_run_id: Option<Uuid>,
+    /// The task run it belongs to.
+    pub task_run_id: Option<Uuid>,
+}
+
 /// An event for `POST /events` (Prefect's `Event`).
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {

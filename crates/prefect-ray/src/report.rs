@@ -89,6 +89,7 @@ fn output_line(line: &LiveLine) -> Option<OutputLine> {
         b"o" => Stream::Stdout,
         b"e" => Stream::Stderr,
         [level @ b'1'..=b'9'] => Stream::Log(level - b'0'),
+        b"a" => Stream::Artifact,
         _ => return None,
     };
     Some(OutputLine { time, stream, text: line.text.clone() })
@@ -194,6 +195,12 @@ fn replay(line: &OutputLine) {
         Stream::Log(3) => emit!(tracing::Level::INFO),
         Stream::Log(4) => emit!(tracing::Level::DEBUG),
         Stream::Log(_) => emit!(tracing::Level::TRACE),
+        Stream::Artifact => match serde_json::from_str::<prefect::artifacts::Artifact>(text) {
+            Ok(artifact) => prefect::artifacts::emit(&artifact),
+            Err(error) => {
+                tracing::warn!(target: "prefect::task_runs", "the executor sent an artifact this program cannot read: {error}")
+            }
+        },
     }
 }
 

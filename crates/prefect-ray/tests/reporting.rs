@@ -155,3 +155,46 @@ fn an_ad_hoc_run_cancelled_on_the_server_stops_and_ends_cancelled() {
     );
     assert!(support::executors_below(std::process::id()).is_empty(), "the naps' executors are gone");
 }
+
+/// Publishes one artifact of each kind from the worker.
+#[task]
+fn publish(rows: u32) -> u32 {
+    use prefect::artifacts::{create_link_artifact, create_markdown_artifact, create_table_artifact};
+    create_markdown_artifact("# From a Ray worker", Some("ray-worker-report"), None).unwrap();
+    create_table_artifact(&json!({"worker": [std::process::id()], "rows": [rows]}), None, None).unwrap();
+    create_link_artifact("https://docs.ray.io", Some("Ray"), None, Some("Where it ran")).unwrap();
+    rows
+}
+
+/// Artifacts made by a task on a Ray worker reach the server through the program, as the
+/// task run's, with the flow run's id: the worker needs no route to the server.
+#[test]
+fn artifacts_made_on_a_ray_worker_reach_the_server_as_the_task_runs() {
+    let own =
+        std::env::var("PREFECT_TEST_API_URL").is_err().then(|| TestServer::start().expect("a Prefect test server"));
+    let api_url = std::env::var("PREFECT_TEST_API_URL").unwrap_or_else(|_| own.as_ref().unwrap().api_url());
+    let reporting = prefect::reporting::connect(&api_url, None).unwrap();
+    let client = Client::new(&api_url);
+
+    #[flow(task_runner = ray())]
+    fn publishing() -> (Uuid, Uuid, u32) {
+        let future = publish.submit(3);
+        let rows = future.result().unwrap();
+        (prefect::runtime::flow_run().unwrap().id, future.task_run_id(), rows)
+    }
+    let (local, task_run, rows) = publishing().unwrap();
+    assert_eq!(rows, 3);
+    let flow_run = reporting.server_flow_run_id(local).unwrap();
+    let body = json!({"artifacts": {"task_run_id": {"any_": [task_run]}}});
+    let artifacts = client.post("/artifacts/filter", &body).unwrap().as_array().cloned().unwrap_or_default();
+    assert_eq!(artifacts.len(), 3, "{artifacts:#?}");
+    assert!(artifacts.iter().all(|a| a["flow_run_id"] == flow_run.to_string()), "{artifacts:#?}");
+    let markdown = artifacts.iter().find(|a| a["key"] == "ray-worker-report").expect("the keyed artifact");
+    assert_eq!(markdown["data"], "# From a Ray worker");
+    let table = artifacts.iter().find(|a| a["type"] == "table").expect("the table");
+    let columns: serde_json::Value = serde_json::from_str(table["data"].as_str().unwrap()).unwrap();
+    assert_eq!(columns["rows"], json!([3]));
+    assert_ne!(columns["worker"][0], json!(std::process::id()), "made in the executor, not the program");
+    let link = artifacts.iter().find(|a| a["description"] == "Where it ran").expect("the link");
+    assert_eq!(link["data"], "[Ray](https://docs.ray.io)");
+}

@@ -5,6 +5,7 @@
 #[allow(unused_extern_crates)]
 extern crate self as prefect;
 
+pub mod artifacts;
 mod call;
 mod context;
 mod error;

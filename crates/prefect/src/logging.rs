@@ -155,6 +155,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunLayer {
         if task_run_id.is_none() && flow_run_id.is_none() {
             return;
         }
+        if let Some(artifact) = crate::artifacts::artifact_of(event) {
+            observe::artifact(task_run_id, flow_run_id, &artifact);
+        }
         if event.metadata().target() == PROGRESS_TARGET {
             if let (Some(run), Some(fraction)) = (task_run_id, progress_of(event)) {
                 observe::task_run_progress(run, fraction);

@@ -123,6 +123,9 @@ pub trait RunObserver: Send + Sync {
     fn log(&self, _record: &LogRecord) {}
     /// A task run said how far it is, from 0.0 to 1.0 ([`crate::progress`]).
     fn task_run_progress(&self, _task_run_id: Uuid, _fraction: f64) {}
+    /// A task run (or a flow run, outside any task run) published an artifact.
+    fn artifact(&self, _task_run_id: Option<Uuid>, _flow_run_id: Option<Uuid>, _artifact: &crate::artifacts::Artifact) {
+    }
     /// A flow run has ended: a chance to deliver what is queued before the program moves on.
     fn flow_run_finished(&self, _info: &FlowRunInfo) {}
     /// The program is about to exit (a signal, or its end) while runs may be live: end
@@ -218,6 +221,10 @@ pub fn pause_flow_run(id: Uuid, reason: &str) -> bool {
 /// had that id.
 pub fn resume_flow_run(id: Uuid, reason: &str) -> bool {
     crate::flow::pause(id, false, reason)
+}
+
+pub(crate) fn artifact(task_run_id: Option<Uuid>, flow_run_id: Option<Uuid>, artifact: &crate::artifacts::Artifact) {
+    each(|o| o.artifact(task_run_id, flow_run_id, artifact));
 }
 
 pub(crate) fn task_run_progress(task_run_id: Uuid, fraction: f64) {

@@ -31,13 +31,14 @@ use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use prefect_api::{Client, LogCreate, NewFlowRun, Reporter, StateCreate, TaskRunCreate};
+use prefect_api::{ArtifactCreate, Client, LogCreate, NewFlowRun, Reporter, StateCreate, TaskRunCreate};
 use serde_json::json;
 use uuid::Uuid;
 
 /// The client crate, for programs and tests that read back what was reported.
 pub use prefect_api as api;
 
+use crate::artifacts::Artifact;
 use crate::observe::{self, FlowRunInfo, LogRecord, Orchestration, RunObserver, TaskRunInfo};
 use crate::state::{State, StateType};
 
@@ -141,6 +142,7 @@ pub fn connect(api_url: &str, api_key: Option<&str>) -> Result<Reporting, Report
         flows_changed: Condvar::new(),
         watching: Once::new(),
         progress: Mutex::default(),
+        artifacts: Mutex::default(),
     }));
     observe::add_observer(reporting.0.clone());
     connections.push(reporting.clone());
@@ -182,11 +184,19 @@ struct PrefectObserver {
     /// Task runs' progress, sent as their progress artifacts by the watcher, at most once a
     /// second each.
     progress: Mutex<HashMap<Uuid, SaidProgress>>,
+    /// Artifacts published by runs, sent by the watcher (and when a flow run ends): the
+    /// task's thread never waits on the server. With the task run and flow run (local ids).
+    artifacts: Mutex<Vec<PublishedArtifact>>,
 }
+
+/// An artifact to send: its task run (if any), its flow run (local id) and itself.
+type PublishedArtifact = (Option<Uuid>, Option<Uuid>, Artifact);
 
 /// How far a task run said it is, and what the server has of it.
 #[derive(Default)]
 struct SaidProgress {
+    /// The flow run of the task run (local id), known while the task run is live.
+    flow_run: Option<Uuid>,
     artifact: Option<Uuid>,
     latest: f64,
     sent: Option<f64>,
@@ -363,25 +373,43 @@ impl PrefectObserver {
 }
 
 impl PrefectObserver {
+    /// Sends the artifacts published since the last time, each once (a failure is logged).
+    fn send_artifacts(&self) {
+        let due = std::mem::take(&mut *self.artifacts.lock().unwrap_or_else(|p| p.into_inner()));
+        let client = self.reporter.client();
+        for (task_run, flow_run, artifact) in due {
+            let flow_run = flow_run.and_then(|id| self.reporter.server_flow_run_id(id));
+            let body = ArtifactCreate {
+                kind: &artifact.kind,
+                key: artifact.key.as_deref(),
+                data: &artifact.data,
+                description: artifact.description.as_deref(),
+                flow_run_id: flow_run,
+                task_run_id: task_run,
+            };
+            if let Err(error) = client.create_artifact(&body) {
+                tracing::warn!(target: "prefect::reporting", "could not send an artifact to the server: {error}");
+            }
+        }
+    }
+
     /// Sends the progress said since the last time as progress artifacts; forgets the runs
     /// that have ended.
     fn send_progress(&self) {
-        let due: Vec<(Uuid, Option<Uuid>, f64)> = {
+        let due: Vec<(Uuid, Option<Uuid>, Option<Uuid>, f64)> = {
             let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
             progress
                 .iter()
                 .filter(|(_, said)| said.sent != Some(said.latest))
-                .map(|(run, said)| (*run, said.artifact, said.latest))
+                .map(|(run, said)| (*run, said.flow_run, said.artifact, said.latest))
                 .collect()
         };
         let client = self.reporter.client();
-        for (run, artifact, fraction) in due {
+        for (run, flow_run, artifact, fraction) in due {
             let percent = (fraction * 1000.0).round() / 10.0;
             let sent = match artifact {
                 Some(artifact) => client.update_progress_artifact(artifact, percent).map(|()| artifact),
                 None => {
-                    let flow_run =
-                        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|t| t.flow_run_id);
                     let flow_run = flow_run.and_then(|id| self.reporter.server_flow_run_id(id));
                     client.create_progress_artifact(run, flow_run, percent)
                 }
@@ -495,12 +523,26 @@ impl RunObserver for PrefectObserver {
         });
     }
 
+    fn artifact(&self, task_run_id: Option<Uuid>, flow_run_id: Option<Uuid>, artifact: &Artifact) {
+        // The flow run is known now, while the task run is live.
+        let flow_run_id = flow_run_id.or_else(|| {
+            let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            task_run_id.and_then(|run| tasks.get(&run).map(|t| t.flow_run_id))
+        });
+        self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).push((task_run_id, flow_run_id, artifact.clone()));
+    }
+
     fn task_run_progress(&self, task_run_id: Uuid, fraction: f64) {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner()).entry(task_run_id).or_default().latest = fraction;
+        let flow_run = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(&task_run_id).map(|t| t.flow_run_id);
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let said = progress.entry(task_run_id).or_default();
+        said.latest = fraction;
+        said.flow_run = said.flow_run.or(flow_run);
     }
 
     fn flow_run_finished(&self, info: &FlowRunInfo) {
         self.send_progress();
+        self.send_artifacts();
         self.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&info.id);
         self.reporter.flush_flow_run(info.id, FINAL_FLUSH_WAIT);
     }
@@ -587,6 +629,7 @@ fn follow_the_server(observer: Weak<PrefectObserver>) {
             }
         }
         this.send_progress();
+        this.send_artifacts();
         drop(this);
         std::thread::sleep(SERVER_POLL);
     }

@@ -317,12 +317,19 @@ impl<S: Subscriber> Layer<S> for RecordEvents {
     fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
         metadata.is_span()
             || metadata.target() == prefect::logging::PROGRESS_TARGET
+            || metadata.target() == prefect::artifacts::ARTIFACT_TARGET
             || level_number(*metadata.level()) <= self.0.0.level.load(Ordering::Relaxed)
     }
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         if let Some(fraction) = prefect::logging::progress_of(event) {
             self.0.lock().progress(fraction);
+            return;
+        }
+        if let Some(artifact) = prefect::artifacts::artifact_of(event) {
+            // In the report, for the program to send: the worker needs no route to the server.
+            let json = serde_json::to_string(&artifact).expect("an artifact always serializes");
+            self.0.record(Stream::Artifact, json);
             return;
         }
         let level = level_number(*event.metadata().level());

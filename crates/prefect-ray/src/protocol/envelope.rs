@@ -81,6 +81,9 @@ pub(crate) enum Stream {
     Stderr,
     /// A `tracing` event at this level: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
     Log(u8),
+    /// An artifact the task published (`prefect::artifacts`), as its JSON: the program
+    /// sends it to the server.
+    Artifact,
 }
 
 /// One line of a task's output, with the time it was written.

@@ -5,7 +5,8 @@
 //! A line of a run: `[prefect-run <run id> <pid> <seq> <microseconds> <stream>] <text>`,
 //! where `pid` is the executor's (an attempt that Ray retries runs in another), `seq` the
 //! line's index among the attempt's recorded lines (the same index as in its report) and
-//! `stream` is `o` (stdout), `e` (stderr) or a `tracing` level `1`..`5`. That a run started:
+//! `stream` is `o` (stdout), `e` (stderr), a `tracing` level `1`..`5`, or `a` for an artifact
+//! (its JSON, on one line). That a run started:
 //! `[prefect-run <run id> <pid> started <microseconds>]`. How far it said it is
 //! (`prefect::progress`): `[prefect-run <run id> <pid> progress <microseconds>] <fraction>`.
 
@@ -23,6 +24,7 @@ pub(crate) fn line(run: Uuid, seq: usize, time: DateTime<Utc>, stream: Stream, t
         Stream::Stdout => 'o',
         Stream::Stderr => 'e',
         Stream::Log(level) => char::from(b'0' + level.min(9)),
+        Stream::Artifact => 'a',
     };
     format!("{MARK}{} {} {seq} {} {stream}] {text}\n", run.simple(), std::process::id(), time.timestamp_micros())
 }
