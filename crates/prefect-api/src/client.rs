@@ -99,6 +99,15 @@ impl Client {
         self.request("POST", path, Some(body))
     }
 
+    /// `DELETE {api}{path}`; the answer as JSON (`null` for an empty one).
+    ///
+    /// # Errors
+    ///
+    /// If the server cannot be reached, or answers with an error status.
+    pub fn delete(&self, path: &str) -> Result<Value, ApiError> {
+        self.request("DELETE", path, None)
+    }
+
     /// `PATCH {api}{path}` with a JSON body; the answer as JSON (`null` for an empty one).
     ///
     /// # Errors
@@ -252,6 +261,7 @@ impl Client {
         let url = format!("{}{path}", self.api_url);
         let unreachable = |error: ureq::Error| ApiError::Unreachable { url: url.clone(), message: error.to_string() };
         let response = match (method, body) {
+            ("DELETE", _) => self.with_auth(self.agent.delete(&url)).call(),
             ("PATCH", Some(body)) => {
                 self.with_auth(self.agent.patch(&url)).header("content-type", "application/json").send(body)
             }

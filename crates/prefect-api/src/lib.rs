@@ -27,6 +27,7 @@
 
 mod backlog;
 mod client;
+mod concurrency;
 mod deployment;
 mod error;
 mod model;
@@ -35,6 +36,7 @@ mod reporter;
 pub mod testing;
 
 pub use client::Client;
+pub use concurrency::{ConcurrencyLimit, LeaseHolder, SlotAnswer, SlotMode};
 pub use deployment::{DeploymentCreate, FINAL_STATE_TYPES, FlowRunRead, Schedule, ScheduleCreate, TaskRunRead};
 pub use error::ApiError;
 pub use model::{

@@ -207,6 +207,12 @@ class Bridge:
             modules = list(runtime_env.get("py_modules") or [])
             modules.append(config["worker_package"])
             runtime_env["py_modules"] = modules
+            api_url = os.environ.get("PREFECT_API_URL")
+            if api_url:
+                # So that tasks taking concurrency slots reach the program's Prefect server.
+                env_vars = dict(runtime_env.get("env_vars") or {})
+                env_vars.setdefault("PREFECT_API_URL", api_url)
+                runtime_env["env_vars"] = env_vars
             kwargs["runtime_env"] = runtime_env
             context = connect(address, kwargs)
         else:

@@ -142,7 +142,10 @@ impl<V> Task<V> {
                     run.wait(None);
                 });
                 let run = spec.run.run().clone();
-                task_engine::run_here(spec);
+                match crate::concurrency::hold_tag_slots(&spec) {
+                    Ok(_slots) => task_engine::run_here(spec),
+                    Err(error) => spec.run.finish(State::failed(error.to_string()), None),
+                }
                 run
             }
             Err(run) => run,

@@ -7,6 +7,7 @@ extern crate self as prefect;
 
 pub mod artifacts;
 mod call;
+pub mod concurrency;
 mod context;
 mod error;
 mod flow;
@@ -38,6 +39,7 @@ mod thread_pool;
 mod wire;
 
 pub use call::WaitFor;
+pub use concurrency::{concurrency, rate_limit};
 pub use error::{FlowError, OptionsError, TaskError};
 pub use future::{AsCompleted, PrefectFuture, as_completed, wait};
 pub use into_arg::{IntoArg, IntoMapArg, Unmapped, unmapped};

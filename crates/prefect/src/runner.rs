@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+pub use crate::concurrency::prefect_api;
 pub use crate::error::{BoxError, TaskFailure};
 pub use crate::interrupt::{StopOnInterrupt, stop_on_interrupt};
 pub use crate::observe::{FlowRunInfo, SubflowParent, TaskRunInfo};

@@ -145,6 +145,15 @@ fn environment(config: &BridgeConfig, command: &mut Command) {
             command.env(name, value);
         }
     }
+    // Tasks that take concurrency slots (`prefect::concurrency`) reach the program's server:
+    // a temporary instance's workers inherit this, and the bridge passes the address (not the
+    // key) to an existing cluster's workers in `runtime_env`.
+    if let Some((url, key)) = prefect::runner::prefect_api() {
+        command.env("PREFECT_API_URL", url);
+        if let Some(key) = key {
+            command.env("PREFECT_API_KEY", key);
+        }
+    }
     let has_token = std::env::var_os("RAY_AUTH_TOKEN").is_some() || std::env::var_os("RAY_AUTH_TOKEN_PATH").is_some();
     match (&config.auth_token, &config.address) {
         (Some(token), _) => {

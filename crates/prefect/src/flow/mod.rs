@@ -249,6 +249,7 @@ impl FlowRun {
             }
             None => tracing::info_span!(parent: None, "flow_run", name = %name, id = %id),
         };
+        let runner = crate::concurrency::gate(runner);
         let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
         // Ctrl-C from now on ends this run and its task runs Crashed where they are observed.
         crate::interrupt::install();
