@@ -218,6 +218,9 @@ impl TaskRunner for RayTaskRunner {
 /// fetched here and sent as values), its header, and its remote function. A run that cannot
 /// go ends here, with the reason.
 fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> Option<(u32, Call)> {
+    if let Some(plan) = &spec.results {
+        warn_if_unshared(&plan.storage, shared.info.nodes);
+    }
     let task = spec.run.task();
     let mut value_keys = Vec::new();
     let mut upstream_names = Vec::new();
@@ -343,5 +346,24 @@ mod tests {
         let error = argument_size_error(5 << 30);
         assert!(error.starts_with("an argument of this run takes 5.00 GiB, more than the 4.00 GiB"), "{error}");
         assert!(error.ends_with("pass its future to the tasks that need it"), "{error}");
+    }
+}
+
+/// Says once per storage that a local directory on a cluster of several nodes is each node's
+/// own: a worker writes records where it runs, and a run on another node does not see them.
+/// Values still pass between runs through Ray; only caching is per node.
+fn warn_if_unshared(storage: &str, nodes: u64) {
+    static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let local = storage.starts_with('/') || storage.starts_with("file://");
+    if !local || nodes < 2 {
+        return;
+    }
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned.iter().any(|seen| seen == storage) {
+        warned.push(storage.to_owned());
+        tracing::warn!(
+            target: "prefect::flow_run",
+            "results are stored in {storage}, a local directory, on a Ray cluster of {nodes} nodes: each node keeps its own, so a cached value is found only on the node that wrote it. Share the directory between the nodes, or use object storage (result_storage = \"s3://bucket/prefix\", or PREFECT_RESULTS_STORAGE)"
+        );
     }
 }

@@ -5,11 +5,25 @@
 mod support;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use prefect::observe::{LogRecord, RunObserver};
 use prefect::{TaskError, flow, task};
 use prefect_ray::RayTaskRunner;
 use prefect_ray::testing::LocalCluster;
 use serde_bytes::ByteBuf;
+
+/// The warnings the runs' logs carried.
+#[derive(Default)]
+struct Warnings(Mutex<Vec<String>>);
+
+impl RunObserver for Warnings {
+    fn log(&self, record: &LogRecord) {
+        if record.level == tracing::Level::WARN {
+            self.0.lock().unwrap().push(record.message.clone());
+        }
+    }
+}
 
 /// Where a run on the isolated node finds itself: its node, its executable, and whether it
 /// can see the program's own files.
@@ -101,6 +115,8 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
     }
     let storage = std::env::temp_dir().join(format!("prefect-results-{}", uuid::Uuid::new_v4().simple()));
     let location = storage.display().to_string();
+    let warnings = Arc::new(Warnings::default());
+    prefect::observe::add_observer(warnings.clone());
     let first = kept_there(cluster.gcs_address(), cluster.auth_token(), location.clone()).unwrap();
     let second = kept_there(cluster.gcs_address(), cluster.auth_token(), location).unwrap();
     let seen_here = std::fs::read_dir(&storage).map(|entries| entries.count()).unwrap_or(0);
@@ -108,6 +124,12 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
     assert_eq!(first, ("Completed".to_owned(), 7 * size));
     assert_eq!(second, ("Cached".to_owned(), 7 * size), "the record the worker wrote on its own node");
     assert_eq!(seen_here, 0, "no value passed through the program to be stored");
+    // A local directory is each node's own: the user is told, once, and what to use instead.
+    let warned: Vec<String> = warnings.0.lock().unwrap().clone();
+    let unshared: Vec<&String> =
+        warned.iter().filter(|w| w.contains("a local directory, on a Ray cluster of 2 nodes")).collect();
+    assert_eq!(unshared.len(), 1, "{warned:#?}");
+    assert!(unshared[0].contains("s3://"), "{}", unshared[0]);
 
     // Not shipped, the program is not there: the run says so.
     #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token).ship_executor(false))]
