@@ -335,20 +335,6 @@ fn replace_upstreams(arg: Arg, replacements: &[Arg]) -> Arg {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_argument_too_large_to_encode_is_refused_with_its_size() {
-        // The message is tried on a size alone: 5 GiB are not allocated for it.
-        assert!(check_argument_sizes(&[Arg::Value(vec![0; 16]), Arg::Upstream(0)]).is_ok());
-        let error = argument_size_error(5 << 30);
-        assert!(error.starts_with("an argument of this run takes 5.00 GiB, more than the 4.00 GiB"), "{error}");
-        assert!(error.ends_with("pass its future to the tasks that need it"), "{error}");
-    }
-}
-
 /// Says once per storage that a local directory on a cluster of several nodes is each node's
 /// own: a worker writes records where it runs, and a run on another node does not see them.
 /// Values still pass between runs through Ray; only caching is per node.
@@ -365,5 +351,19 @@ fn warn_if_unshared(storage: &str, nodes: u64) {
             target: "prefect::flow_run",
             "results are stored in {storage}, a local directory, on a Ray cluster of {nodes} nodes: each node keeps its own, so a cached value is found only on the node that wrote it. Share the directory between the nodes, or use object storage (result_storage = \"s3://bucket/prefix\", or PREFECT_RESULTS_STORAGE)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_argument_too_large_to_encode_is_refused_with_its_size() {
+        // The message is tried on a size alone: 5 GiB are not allocated for it.
+        assert!(check_argument_sizes(&[Arg::Value(vec![0; 16]), Arg::Upstream(0)]).is_ok());
+        let error = argument_size_error(5 << 30);
+        assert!(error.starts_with("an argument of this run takes 5.00 GiB, more than the 4.00 GiB"), "{error}");
+        assert!(error.ends_with("pass its future to the tasks that need it"), "{error}");
     }
 }
