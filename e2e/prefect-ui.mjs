@@ -1,5 +1,7 @@
 // Opens a flow run's page in the Prefect UI in headless Chromium, checks that every given
-// task run is listed, and saves a screenshot.
+// task run is listed (and, with EXPECT_CACHED=1, that one shows Cached), and saves a
+// screenshot. With ARTIFACT_KEY and ARTIFACTS_SCREENSHOT, it then opens the run's Artifacts
+// tab, checks that the artifact with that key is shown, and saves a screenshot of it.
 //
 //   node prefect-ui.mjs <flow run page URL> <screenshot.png> <task run name>...
 //
@@ -44,7 +46,18 @@ try {
   for (const name of taskRuns) {
     await page.getByText(name, { exact: true }).first().waitFor({ state: 'visible', timeout: 30_000 });
   }
+  if (process.env.EXPECT_CACHED === '1') {
+    await page.getByText('Cached', { exact: true }).first().waitFor({ state: 'visible', timeout: 30_000 });
+  }
   await page.screenshot({ path: screenshot, fullPage: true });
+  const artifactKey = process.env.ARTIFACT_KEY;
+  const artifactsScreenshot = process.env.ARTIFACTS_SCREENSHOT;
+  if (artifactKey && artifactsScreenshot) {
+    await page.getByText('Artifacts', { exact: true }).first().click({ timeout: 30_000 });
+    await page.getByText(artifactKey, { exact: true }).first().waitFor({ state: 'visible', timeout: 30_000 });
+    await page.screenshot({ path: artifactsScreenshot, fullPage: true });
+    console.log(`artifact ${artifactKey} shown; screenshot saved to ${artifactsScreenshot}`);
+  }
   if (outside.length > 0) {
     throw new Error(`the page asked for addresses off this machine: ${outside.join(', ')}`);
   }

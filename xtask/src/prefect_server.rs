@@ -20,6 +20,9 @@ pub const SCREENSHOT: &str = "docs/prefect-ui-flow-run.png";
 /// Where the serving check saves its screenshot of the deployment page.
 pub const DEPLOYMENT_SCREENSHOT: &str = "docs/prefect-ui-deployment.png";
 
+/// Where the UI check saves its screenshot of a flow run's Artifacts tab.
+pub const ARTIFACTS_SCREENSHOT: &str = "docs/prefect-ui-artifacts.png";
+
 /// Starts the shared test server with the `prefect` next to `prefect_python` (the Python of
 /// `.venv-prefect`): loopback only, SQLite, analytics off. Dropping it stops the server.
 pub fn start(prefect_python: &Path) -> Result<TestServer> {
@@ -39,12 +42,17 @@ pub fn ui_check(root: &Path, server: &TestServer) -> Result {
     }
 
     eprintln!("xtask: running the prefect_ui example against the Prefect server at {}", server.api_url());
+    // The example caches a run's value: in a directory of this check's own, so the cached
+    // run is made here and nothing is left behind.
+    let results = std::env::temp_dir().join(format!("prefect-ui-results-{}", std::process::id()));
     let output = cargo()
         .args(["run", "--quiet", "-p", "prefect", "--example", "prefect_ui"])
         .env("PREFECT_API_URL", server.api_url())
+        .env("PREFECT_LOCAL_STORAGE_PATH", &results)
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("could not run the prefect_ui example: {e}"))?;
+        .output();
+    let _ = std::fs::remove_dir_all(&results);
+    let output = output.map_err(|e| format!("could not run the prefect_ui example: {e}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         return Err(format!("the prefect_ui example failed with {}:\n{stderr}", output.status));
@@ -67,6 +75,11 @@ pub fn ui_check(root: &Path, server: &TestServer) -> Result {
         .arg(&screenshot)
         .args(&task_runs)
         .env("CHROMIUM", chromium)
+        // The example loads its work twice: the second run is Cached. Its `longest` run
+        // publishes the artifact keyed `city-lengths`.
+        .env("EXPECT_CACHED", "1")
+        .env("ARTIFACT_KEY", "city-lengths")
+        .env("ARTIFACTS_SCREENSHOT", root.join(ARTIFACTS_SCREENSHOT))
         .current_dir(&e2e))
 }
 

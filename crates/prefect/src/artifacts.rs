@@ -33,8 +33,11 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The target of the events that carry artifacts (one field, `artifact`, the JSON).
+/// The target of the events that carry artifacts (in the field [`ARTIFACT_FIELD`], as JSON).
 pub const ARTIFACT_TARGET: &str = "prefect::artifact";
+
+/// The field of an artifact's event that holds its JSON; log lines leave it out.
+pub const ARTIFACT_FIELD: &str = "artifact";
 
 /// An artifact as Prefect's API takes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,7 +140,7 @@ pub fn artifact_of(event: &tracing::Event<'_>) -> Option<Artifact> {
     struct Json(Option<String>);
     impl tracing::field::Visit for Json {
         fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-            if field.name() == "artifact" {
+            if field.name() == ARTIFACT_FIELD {
                 self.0 = Some(value.to_owned());
             }
         }

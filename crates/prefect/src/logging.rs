@@ -83,6 +83,8 @@ impl Visit for MessageVisitor {
         match field.name() {
             "message" => self.message.push_str(value),
             TIMESTAMP_FIELD => self.timestamp = DateTime::parse_from_rfc3339(value).ok().map(|t| t.with_timezone(&Utc)),
+            // An artifact's JSON is for the server; the message names the artifact.
+            crate::artifacts::ARTIFACT_FIELD => {}
             name => {
                 let _ = write!(self.fields, " {name}={value}");
             }
@@ -95,6 +97,7 @@ impl Visit for MessageVisitor {
                 let _ = write!(self.message, "{value:?}");
             }
             TIMESTAMP_FIELD => self.record_str(field, format!("{value:?}").trim_matches('"')),
+            crate::artifacts::ARTIFACT_FIELD => {}
             name => {
                 let _ = write!(self.fields, " {name}={value:?}");
             }
