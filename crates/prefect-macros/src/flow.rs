@@ -13,6 +13,7 @@ const OPTIONS: &[&str] = &[
     "retries",
     "retry_delay_seconds",
     "timeout_seconds",
+    "persist_result",
     "on_completion",
     "on_failure",
     "on_crashed",
@@ -28,6 +29,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let mut name = LitStr::new(&ident.to_string().replace('_', "-"), ident.span());
     let mut runner = quote! { ::prefect::ThreadPoolTaskRunner::new() };
     let (mut retries, mut retry_delay, mut timeout) = (quote! { 0 }, quote! { 0.0 }, None);
+    let mut persist_result = quote! { ::core::option::Option::None };
     for option in &options {
         match option.name.to_string().as_str() {
             "name" => name = option.string()?,
@@ -48,6 +50,10 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             "timeout_seconds" => {
                 option.check_numbers(Range::Positive, "seconds")?;
                 timeout = Some(option.expr()?.clone());
+            }
+            "persist_result" => {
+                let expr = option.expr()?;
+                persist_result = quote! { ::core::option::Option::Some::<bool>(#expr) };
             }
             hook if crate::hooks::HOOKS.contains(&hook) => {}
             _ => unreachable!("options were checked"),
@@ -157,6 +163,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                 retries: #retries,
                 retry_delay_seconds: #retry_delay,
                 timeout_seconds: #timeout_option,
+                persist_result: #persist_result,
             };
             #hold_arguments
             #run

@@ -212,7 +212,7 @@ impl<V> Task<V> {
             writer.finish(State::cancelled(reason), None);
             return Err(run);
         }
-        let results = ResultPlan::for_run(definition, &options, context.info.as_ref());
+        let results = ResultPlan::for_run(definition, &options, context.info.as_ref(), context.persist_result);
         let refused = match (error, options.validate(), results.as_ref().map(ResultPlan::check)) {
             (Some(error), _, _) => Some(format!("could not send the arguments of task '{}': {error}", definition.name)),
             (None, Err(error), _) => Some(format!("invalid options for task '{}': {error}", definition.name)),

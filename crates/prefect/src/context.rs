@@ -27,6 +27,8 @@ pub(crate) struct FlowRunContext {
     dynamic_keys: Mutex<HashMap<&'static str, u64>>,
     /// Why the flow run was cancelled, once it is: its new task runs end `Cancelled`.
     cancelled: OnceLock<String>,
+    /// The flow's `persist_result`, or its parent's: the default of its task runs.
+    pub(crate) persist_result: Option<bool>,
     /// Whether the flow run is paused (from a Prefect server): new task runs wait.
     paused: Mutex<bool>,
     resumed: Condvar,
@@ -43,6 +45,7 @@ impl FlowRunContext {
             tracker: Arc::default(),
             dynamic_keys: Mutex::default(),
             cancelled: OnceLock::new(),
+            persist_result: None,
             paused: Mutex::new(false),
             resumed: Condvar::new(),
         }

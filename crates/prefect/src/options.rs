@@ -325,6 +325,10 @@ pub struct FlowOptions {
     pub retry_delay_seconds: f64,
     /// Seconds the flow function may run before the flow run fails with a timeout.
     pub timeout_seconds: Option<f64>,
+    /// Whether the values of the task runs inside it (and its subflows) are persisted when a
+    /// task says nothing of it (`persist_result` and cache settings of a task come first).
+    /// The flow's own return value goes to its caller and is not persisted.
+    pub persist_result: Option<bool>,
 }
 
 impl FlowOptions {

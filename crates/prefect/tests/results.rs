@@ -274,3 +274,44 @@ fn async_tasks_are_cached_too() {
     let expected = [("Completed", 10), ("Completed", 20), ("Cached", 10)];
     assert_eq!(seen, expected.map(|(name, value)| (name.to_owned(), value)));
 }
+
+#[task]
+fn plain(number: u32) -> u32 {
+    number * 2
+}
+
+#[task(persist_result = false)]
+fn never_kept(number: u32) -> u32 {
+    number
+}
+
+#[flow]
+fn child_of_persisting(storage: String) -> Option<prefect::results::PersistedResult> {
+    let future = plain.with_options(|o| o.result_storage = Some(storage.clone())).submit(5);
+    future.wait(None);
+    future.state().persisted
+}
+
+/// A flow's `persist_result` is the default of the task runs in it and in its subflows; a
+/// task that says otherwise keeps its say.
+#[test]
+fn a_flows_persist_result_is_its_task_runs_default() {
+    let (dir, path) = storage();
+
+    #[flow(persist_result = true)]
+    fn persisting(storage: String) -> (State, State, Option<prefect::results::PersistedResult>) {
+        let kept = plain.with_options(|o| o.result_storage = Some(storage.clone())).submit(2);
+        let not = never_kept.with_options(|o| o.result_storage = Some(storage.clone())).submit(3);
+        let inner = child_of_persisting(storage.clone()).unwrap();
+        (kept.wait(None).unwrap(), not.wait(None).unwrap(), inner)
+    }
+    let (kept, not, inner) = persisting(path.clone()).unwrap();
+    assert!(kept.persisted.is_some(), "{kept:?}");
+    assert!(not.persisted.is_none(), "{not:?}");
+    assert!(inner.is_some(), "a subflow's task runs follow the parent flow");
+    assert_eq!(records(dir.path()).len(), 2, "one record each for the two persisted runs");
+
+    // Without the flow's say, a plain task is not persisted.
+    assert!(child_of_persisting(path).unwrap().is_none());
+    assert_eq!(records(dir.path()).len(), 2);
+}

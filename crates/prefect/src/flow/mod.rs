@@ -250,7 +250,9 @@ impl FlowRun {
             None => tracing::info_span!(parent: None, "flow_run", name = %name, id = %id),
         };
         let runner = crate::concurrency::gate(runner);
-        let context = Arc::new(FlowRunContext::new(Some(info.clone()), span, runner));
+        let mut context = FlowRunContext::new(Some(info.clone()), span, runner);
+        context.persist_result = options.persist_result.or(parent.as_ref().and_then(|p| p.persist_result));
+        let context = Arc::new(context);
         // Ctrl-C from now on ends this run and its task runs Crashed where they are observed.
         crate::interrupt::install();
         live::register(&context);

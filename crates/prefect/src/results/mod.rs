@@ -80,12 +80,18 @@ pub struct ResultPlan {
 
 impl ResultPlan {
     /// The plan of a run of `task` with `options` in `flow`, or `None` when its value is
-    /// not persisted: `persist_result` says, or else a cache policy or key function asks
-    /// for it, or else `PREFECT_RESULTS_PERSIST_BY_DEFAULT`.
-    pub(crate) fn for_run(task: &TaskDefinition, options: &TaskOptions, flow: Option<&FlowRunInfo>) -> Option<Self> {
-        let persist = options
-            .persist_result
-            .unwrap_or_else(|| options.cache_policy.is_some() || task.cache_key_fn.is_some() || persist_by_default());
+    /// not persisted: the task's `persist_result` says, or else a cache policy or key
+    /// function asks for it, or else the flow's `persist_result` (`flow_persists`) says,
+    /// or else `PREFECT_RESULTS_PERSIST_BY_DEFAULT`.
+    pub(crate) fn for_run(
+        task: &TaskDefinition,
+        options: &TaskOptions,
+        flow: Option<&FlowRunInfo>,
+        flow_persists: Option<bool>,
+    ) -> Option<Self> {
+        let cached = options.cache_policy.is_some() || task.cache_key_fn.is_some();
+        let persist =
+            options.persist_result.unwrap_or_else(|| cached || flow_persists.unwrap_or_else(persist_by_default));
         persist.then(|| ResultPlan {
             storage: options.result_storage.as_deref().map(storage::absolute).unwrap_or_else(storage::default_location),
             policy: options.cache_policy.clone().unwrap_or(CachePolicy::DEFAULT),

@@ -30,7 +30,7 @@ async fn later(value: u64) -> u64 {
     value
 }
 
-#[flow(name = "report", retries = 1, retry_delay_seconds = 0, timeout_seconds = 60)]
+#[flow(name = "report", retries = 1, retry_delay_seconds = 0, timeout_seconds = 60, persist_result = true)]
 fn report(pages: u32) -> Result<u64, TaskError> {
     let first = fetch(0)?;
     let rest: Vec<PrefectFuture<Vec<u64>>> = fetch.map(1..pages);
