@@ -40,7 +40,7 @@ pub(super) fn limiter() -> Option<Arc<dyn Limiter>> {
 #[derive(Debug)]
 struct ServerLimiter {
     client: Client,
-    /// The names of the active limits, and when the server said so.
+    /// The names of the active limits, and when the server was last asked.
     known: Mutex<Option<(Instant, HashSet<String>)>>,
     /// The leases held, renewed by a thread of their own.
     leases: Arc<Mutex<HashSet<Uuid>>>,
@@ -85,17 +85,17 @@ impl Limiter for ServerLimiter {
     fn limits_any(&self, names: &[String]) -> bool {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.as_ref().is_none_or(|(at, _)| at.elapsed() > KNOWN_FOR) {
-            match self.client.concurrency_limits() {
-                Ok(limits) => {
-                    let active = limits.into_iter().filter(|l| l.active).map(|l| l.name).collect();
-                    *known = Some((Instant::now(), active));
-                }
-                // Keep what was known; with nothing known, nothing is limited until the
-                // server answers.
+            let active = match self.client.concurrency_limits() {
+                Ok(limits) => limits.into_iter().filter(|l| l.active).map(|l| l.name).collect(),
+                // Keep what was known, and ask again only a while later: a server that is
+                // down must not hold up every submission. With nothing known, nothing is
+                // limited until the server answers.
                 Err(error) => {
                     tracing::warn!(target: "prefect::concurrency", "could not read the concurrency limits: {error}");
+                    known.take().map(|(_, active)| active).unwrap_or_default()
                 }
-            }
+            };
+            *known = Some((Instant::now(), active));
         }
         known.as_ref().is_some_and(|(_, active)| names.iter().any(|name| active.contains(name)))
     }
