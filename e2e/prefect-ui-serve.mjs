@@ -57,16 +57,24 @@ try {
   });
   const deploymentPage = `${ui}/deployments/deployment/${deployment}`;
 
-  // A custom run: the form drawn from the flow's parameter schema.
+  // A custom run: the form drawn from the flow's parameter schema. A busy machine can lose
+  // the first submission (the form not yet ready): the form is filled again once.
   async function customRun(name, highestNumber) {
-    await page.goto(deploymentPage, { waitUntil: 'networkidle', timeout: 60_000 });
-    await page.getByRole('button', { name: 'Run', exact: true }).click();
-    await page.getByText('Custom run', { exact: true }).click();
-    await page.getByText('highest_number', { exact: true }).waitFor({ timeout: 30_000 });
-    await page.locator('input[type=text]').first().fill(name);
-    await page.locator('input[type=number]').first().fill(String(highestNumber));
-    await page.getByRole('button', { name: 'Submit', exact: true }).click();
-    return runNamed(name);
+    for (let attempt = 1; ; attempt += 1) {
+      await page.goto(deploymentPage, { waitUntil: 'networkidle', timeout: 60_000 });
+      await page.getByRole('button', { name: 'Run', exact: true }).click();
+      await page.getByText('Custom run', { exact: true }).click();
+      await page.getByText('highest_number', { exact: true }).waitFor({ timeout: 30_000 });
+      await page.waitForLoadState('networkidle', { timeout: 30_000 });
+      await page.locator('input[type=text]').first().fill(name);
+      await page.locator('input[type=number]').first().fill(String(highestNumber));
+      await page.getByRole('button', { name: 'Submit', exact: true }).click();
+      try {
+        return await runNamed(name);
+      } catch (error) {
+        if (attempt >= 2) throw error;
+      }
+    }
   }
 
   const custom = await customRun('custom-run-from-the-ui', 3);
