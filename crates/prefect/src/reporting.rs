@@ -373,6 +373,11 @@ impl PrefectObserver {
 }
 
 impl PrefectObserver {
+    /// The flow run (local id) of a live task run.
+    fn flow_run_of(&self, task_run: Uuid) -> Option<Uuid> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(&task_run).map(|t| t.flow_run_id)
+    }
+
     /// Sends the artifacts published since the last time, each once (a failure is logged).
     fn send_artifacts(&self) {
         let due = std::mem::take(&mut *self.artifacts.lock().unwrap_or_else(|p| p.into_inner()));
@@ -525,15 +530,13 @@ impl RunObserver for PrefectObserver {
 
     fn artifact(&self, task_run_id: Option<Uuid>, flow_run_id: Option<Uuid>, artifact: &Artifact) {
         // The flow run is known now, while the task run is live.
-        let flow_run_id = flow_run_id.or_else(|| {
-            let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            task_run_id.and_then(|run| tasks.get(&run).map(|t| t.flow_run_id))
-        });
+        let flow_run_id = flow_run_id.or_else(|| task_run_id.and_then(|run| self.flow_run_of(run)));
         self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).push((task_run_id, flow_run_id, artifact.clone()));
     }
 
     fn task_run_progress(&self, task_run_id: Uuid, fraction: f64) {
-        let flow_run = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(&task_run_id).map(|t| t.flow_run_id);
+        // Looked up before `progress` is locked: `send_progress` locks the two the other way.
+        let flow_run = self.flow_run_of(task_run_id);
         let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         let said = progress.entry(task_run_id).or_default();
         said.latest = fraction;

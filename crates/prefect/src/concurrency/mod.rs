@@ -277,7 +277,8 @@ pub fn prefect_api() -> Option<(String, Option<String>)> {
 /// tags' limits, waiting; the guard gives them back.
 pub(crate) fn hold_tag_slots(spec: &crate::runner::TaskRunSpec) -> Result<ConcurrencyGuard, ConcurrencyError> {
     let names = tag_limit_names(&spec.options.tags);
-    let limiter = limiter().filter(|limiter| !names.is_empty() && limiter.limits_any(&names));
+    // Most runs have no tags: they need no limiter at all.
+    let limiter = if names.is_empty() { None } else { limiter().filter(|limiter| limiter.limits_any(&names)) };
     let Some(limiter) = limiter else {
         return Ok(ConcurrencyGuard { held: None, names: Vec::new() });
     };
