@@ -1,6 +1,8 @@
 //! The crates as a user gets them: packaged with `cargo package` (which builds each one from
 //! its package, so a file missing from a package fails here), then used by a fresh crate
-//! outside the workspace that runs a flow on a temporary Ray instance.
+//! outside the workspace, made of the README's "Your first project" files, set up the way
+//! that section says and nothing more: `cargo run` (whose first flow installs Ray into an
+//! empty cache directory) and `cargo test`, each running flows on a temporary Ray instance.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,26 +12,11 @@ use super::{Result, cargo, run};
 /// The crates a user depends on, in the order they are packaged.
 const CRATES: &[&str] = &["prefect-api", "prefect-macros", "prefect", "prefect-ray"];
 
-const MAIN: &str = r#"
-use prefect::{flow, task};
-use prefect_ray::RayTaskRunner;
+/// The README's section that the fresh crate is made of: each block after a
+/// `<!-- first-project: PATH -->` line is that file.
+const GUIDE_MARK: &str = "<!-- first-project: ";
 
-#[task]
-fn square(number: u64) -> u64 {
-    number * number
-}
-
-#[flow(task_runner = RayTaskRunner::new())]
-fn squares(highest: u64) -> u64 {
-    square.map(0..highest).iter().map(|f| f.result().unwrap()).sum()
-}
-
-fn main() {
-    println!("SUM={}", squares(10).unwrap());
-}
-"#;
-
-pub(crate) fn check(root: &Path, ray_python: &Path) -> Result {
+pub(crate) fn check(root: &Path) -> Result {
     eprintln!("xtask: packaging the crates, then running a flow from a crate of a user's own");
     forget_earlier_packages();
     let mut package = cargo();
@@ -37,7 +24,7 @@ pub(crate) fn check(root: &Path, ray_python: &Path) -> Result {
     run(package.arg("--quiet"))?;
 
     let home = std::env::temp_dir().join(format!("prefect-downstream-{}", std::process::id()));
-    let outcome = run_downstream(root, ray_python, &home);
+    let outcome = run_downstream(root, &home);
     let _ = std::fs::remove_dir_all(&home);
     outcome
 }
@@ -61,40 +48,91 @@ fn forget_earlier_packages() {
     }
 }
 
-fn run_downstream(root: &Path, ray_python: &Path, home: &Path) -> Result {
+fn run_downstream(root: &Path, home: &Path) -> Result {
     let write = |path: &Path, text: &str| {
         std::fs::create_dir_all(path.parent().expect("a file in a directory"))
             .and_then(|()| std::fs::write(path, text))
             .map_err(|e| format!("could not write {}: {e}", path.display()))
     };
+    let readme =
+        std::fs::read_to_string(root.join("README.md")).map_err(|e| format!("could not read README.md: {e}"))?;
+    let files = guide_files(&readme);
+    let (Some(manifest), Some(main)) = (files.get("Cargo.toml"), files.get("src/main.rs")) else {
+        return Err("README.md's first-project section lacks its Cargo.toml or src/main.rs".into());
+    };
     let patches: String = CRATES
         .iter()
         .map(|name| format!("{name} = {{ path = {:?} }}\n", root.join("target/package").join(format!("{name}-0.1.0"))))
         .collect();
-    let manifest = format!(
-        "[package]\nname = \"downstream\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
-         [dependencies]\nprefect = \"0.1.0\"\nprefect-ray = \"0.1.0\"\n\n\
-         [patch.crates-io]\n{patches}\n[workspace]\n"
-    );
-    write(&home.join("Cargo.toml"), &manifest)?;
-    write(&home.join("src/main.rs"), MAIN)?;
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["run", "--quiet"])
-        .current_dir(home)
-        // Built apart from the workspace, and removed with it by `cargo clean`.
-        .env("CARGO_TARGET_DIR", root.join("target/downstream"))
-        .env("PREFECT_RAY_PYTHON", ray_python)
-        .env("RAY_USAGE_STATS_ENABLED", "0")
-        .output()
-        .map_err(|e| format!("could not run cargo: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if output.status.success() && stdout.contains("SUM=285") {
-        Ok(())
-    } else {
-        Err(format!(
-            "the crate of a user's own did not run its flow ({}):\n{stdout}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ))
+    let project = home.join("my-flows");
+    write(&project.join("Cargo.toml"), &format!("{manifest}\n[patch.crates-io]\n{patches}\n[workspace]\n"))?;
+    write(&project.join("src/main.rs"), main)?;
+    let cargo = |args: &[&str]| {
+        let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(&project)
+            // Built apart from the workspace, and removed with it by `cargo clean`.
+            .env("CARGO_TARGET_DIR", root.join("target/downstream"))
+            // A user's machine: no Python chosen, nothing installed in the cache directory.
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env_remove("PREFECT_RAY_PYTHON")
+            .env_remove("PREFECT_RAY_PROVISION")
+            .env_remove("VIRTUAL_ENV")
+            .env("RAY_USAGE_STATS_ENABLED", "0")
+            .output()
+            .map_err(|e| format!("could not run cargo: {e}"))?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        );
+        if output.status.success() {
+            Ok((stdout, stderr))
+        } else {
+            Err(format!(
+                "`cargo {}` failed in the crate of a user's own ({}):\n{stdout}\n{stderr}",
+                args.join(" "),
+                output.status
+            ))
+        }
+    };
+    let (stdout, stderr) = cargo(&["run", "--quiet"])?;
+    let installed = stderr.contains("prefect-ray: Ray is installed in");
+    if !(installed && stdout.contains("sum of squares: 385") && stdout.contains("doubled: 42")) {
+        return Err(format!("the crate of a user's own did not install Ray and run its flows:\n{stdout}\n{stderr}"));
+    }
+    let (stdout, stderr) = cargo(&["test", "--quiet"])?;
+    if !stdout.contains("1 passed") || stderr.contains("installing ray") {
+        return Err(format!(
+            "`cargo test` of the crate of a user's own did not pass on the installed Ray:\n{stdout}\n{stderr}"
+        ));
+    }
+    Ok(())
+}
+
+/// The files of the README's first-project section, by path.
+fn guide_files(readme: &str) -> std::collections::HashMap<String, String> {
+    let mut files = std::collections::HashMap::new();
+    let mut lines = readme.lines();
+    while let Some(line) = lines.next() {
+        let Some(path) = line.strip_prefix(GUIDE_MARK).and_then(|rest| rest.strip_suffix(" -->")) else { continue };
+        if !lines.next().is_some_and(|fence| fence.starts_with("```")) {
+            continue;
+        }
+        let body: Vec<&str> = lines.by_ref().take_while(|line| !line.starts_with("```")).collect();
+        files.insert(path.to_string(), body.join("\n") + "\n");
+    }
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_guide_files_are_the_blocks_after_their_marks() {
+        let readme = "text\n<!-- first-project: a.toml -->\n```toml\nx = 1\n```\nmore\n\
+                      <!-- first-project: src/b.rs -->\n```rust,ignore\nfn b() {}\n\nfn c() {}\n```\n";
+        let files = super::guide_files(readme);
+        assert_eq!(files["a.toml"], "x = 1\n");
+        assert_eq!(files["src/b.rs"], "fn b() {}\n\nfn c() {}\n");
+        assert_eq!(files.len(), 2);
     }
 }

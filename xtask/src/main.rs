@@ -41,6 +41,10 @@ enum Task {
     /// Starts the shared test cluster and Prefect server, prints the variables that point
     /// tests at them, and keeps them up until Ctrl-C (for running single tests quickly).
     Services,
+    /// Packages the crates and builds the README's first project from them, outside the
+    /// workspace: its first run installs Ray into an empty cache directory (the last step of
+    /// `test`).
+    Downstream,
     /// Checks formatting and lints, then runs every test against real Ray and Prefect.
     Test {
         /// Extra arguments for the test runner (a test name filter, say).
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Services => services(),
+        Task::Downstream => downstream::check(&root()),
         Task::Bench { quick } => bench::bench(&root(), quick),
     };
     match outcome {
@@ -175,7 +180,7 @@ fn test(args: &[String]) -> Result {
         .and_then(|()| prefect_server::ui_check(&root(), &services.prefect))
         .and_then(|()| prefect_server::serve_ui_check(&root(), &services.prefect));
     drop(services);
-    outcome.and_then(|()| downstream::check(&root(), &ray_python))
+    outcome.and_then(|()| downstream::check(&root()))
 }
 
 /// Lints, type checks and unit tests of the Python side (the bridge and the worker

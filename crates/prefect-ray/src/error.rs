@@ -49,6 +49,20 @@ pub enum RayError {
         /// What to do.
         hint: String,
     },
+    /// No Python with Ray was found, and installing one for the runner failed.
+    #[error(
+        "could not install Ray into {}: {reason}; or set PREFECT_RAY_PYTHON to a Python that has ray[default]==2.60.0",
+        env.display()
+    )]
+    InstallFailed {
+        /// The environment it was installing.
+        env: PathBuf,
+        /// What went wrong, and what to do.
+        reason: String,
+        /// The failure underneath, if it was this machine's.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// The address is not one Ray can use: empty, without a host, without a port.
     #[error("could not connect to Ray ({address:?}): {reason}")]
     InvalidAddress {

@@ -52,7 +52,7 @@ impl StderrLog {
 
 /// Writes the bridge's files and starts it, in a process group of its own.
 pub(super) fn launch(config: &BridgeConfig) -> Result<Launched, RayError> {
-    let python = python::find(config.python.as_deref());
+    let python = python::find(config.python.as_deref())?;
     let temp_dir = tempfile::Builder::new()
         .prefix("prefect-ray-")
         .tempdir_in(short_temp_root())

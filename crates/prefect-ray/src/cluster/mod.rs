@@ -238,7 +238,7 @@ impl LocalClusterBuilder {
     ///
     /// If Python or Ray is missing, or a node does not start.
     pub fn start(self) -> Result<LocalCluster, ClusterError> {
-        let python = python::find(self.python.as_deref());
+        let python = python::find(self.python.as_deref()).map_err(ClusterError::Ray)?;
         let dir = tempfile::Builder::new()
             .prefix("prt-")
             .tempdir_in("/tmp")
