@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import platform
 import resource
 import shutil
 import signal
@@ -53,6 +54,7 @@ from prefect_ray_worker.driver import (
     Unreachable,
     VersionMismatch,
     classify,
+    client_version_mismatch,
     probe,
     route_logs,
     unmet_request,
@@ -145,11 +147,24 @@ def token_refused(error: BaseException) -> bool:
 
 def connect(address: str, kwargs: dict[str, Any]) -> Any:
     """ray.init for an existing cluster. Ray Client's server sometimes fails to start a
-    session for a new client; asking again gets one."""
-    attempts = 3 if address.startswith("ray://") else 1
+    session for a new client; asking again gets one.
+
+    Through Ray Client, this bridge compares versions itself (unless the user set
+    RAY_IGNORE_VERSION_MISMATCH): Ray Client's own check raises a bare RuntimeError, which
+    would reach the program as an untyped failure."""
+    through_client = address.startswith("ray://")
+    own_check = through_client and "RAY_IGNORE_VERSION_MISMATCH" not in os.environ
+    if own_check:
+        os.environ["RAY_IGNORE_VERSION_MISMATCH"] = "1"
+    attempts = 3 if through_client else 1
     for attempt in range(1, attempts + 1):
         try:
-            return ray.init(address=address, **kwargs)
+            context = ray.init(address=address, **kwargs)
+            mismatch = client_version_mismatch(context, ray.__version__, platform.python_version()) if own_check else None
+            if mismatch:
+                ray.shutdown()
+                raise VersionMismatch(mismatch)
+            return context
         except ConnectionError as error:
             if token_refused(error) or attempt == attempts:
                 raise

@@ -48,6 +48,18 @@ def version_mismatch(cluster: Mapping[str, Any], ray_version: str, python_versio
     )
 
 
+def client_version_mismatch(context: Any, ray_version: str, python_version: str) -> str | None:
+    """Why a driver with these versions cannot use the cluster that Ray Client connected it
+    to (`context`, what ``ray.init("ray://...")`` returns, which names the server's
+    versions), or ``None`` if it can. Ray Client's rule: the same Ray and the same Python
+    minor version."""
+    cluster = {
+        "ray_version": getattr(context, "ray_version", "") or "",
+        "python_version": getattr(context, "python_version", "") or "",
+    }
+    return version_mismatch(cluster, ray_version, python_version, "minor")
+
+
 def probe_target(address: str) -> tuple[str, int] | None:
     """The host and port to probe for `address` (``ray://host:port`` or ``host:port``), or
     ``None`` for addresses Ray resolves itself (``auto``, ``local``, a bare name).

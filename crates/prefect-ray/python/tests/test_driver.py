@@ -123,3 +123,17 @@ def test_versions_match_as_ray_matches_them() -> None:
     ray_differs = version_mismatch(cluster, "2.59.0", "3.11.7", "minor")
     assert ray_differs is not None and "has Ray 2.59.0 on Python 3.11.7" in ray_differs
     assert version_mismatch({}, "2.60.0", "3.11.7") is None, "a cluster without metadata is not judged"
+
+
+def test_a_ray_client_connection_to_other_versions_is_refused_by_ray_client_s_rule() -> None:
+    from types import SimpleNamespace
+
+    from prefect_ray_worker.driver import client_version_mismatch
+
+    server = SimpleNamespace(ray_version="2.60.0", python_version="3.11.7")
+    assert client_version_mismatch(server, "2.60.0", "3.11.9") is None, "Ray Client matches Python's minor version"
+    other_python = client_version_mismatch(server, "2.60.0", "3.12.1")
+    assert other_python is not None and "Ray 2.60.0 on Python 3.11.7" in other_python and "Python 3.12.1" in other_python
+    other_ray = client_version_mismatch(server, "2.59.0", "3.11.7")
+    assert other_ray is not None and "has Ray 2.59.0" in other_ray
+    assert client_version_mismatch(SimpleNamespace(), "2.60.0", "3.11.7") is None, "a context without versions"
