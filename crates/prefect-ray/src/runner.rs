@@ -38,6 +38,7 @@ impl RayTaskRunner {
                 init_kwargs: Map::new(),
                 python: None,
                 ship_executor: true,
+                ship_debug_info: false,
                 max_in_flight: 10_000,
                 max_batch: 64,
                 connect_timeout: Duration::from_secs(120),
@@ -82,6 +83,14 @@ impl RayTaskRunner {
     /// clusters that share this machine's filesystem.
     pub fn ship_executor(mut self, ship: bool) -> Self {
         self.config.ship_executor = ship;
+        self
+    }
+
+    /// Whether the shipped program keeps its debug info (line numbers in a worker's
+    /// backtraces). By default it ships without (`objcopy --strip-debug`, symbols kept),
+    /// which makes what Ray uploads smaller: see the README's figures.
+    pub fn ship_debug_info(mut self, keep: bool) -> Self {
+        self.config.ship_debug_info = keep;
         self
     }
 

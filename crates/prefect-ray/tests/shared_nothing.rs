@@ -1,6 +1,7 @@
 //! A node that shares nothing with the program but the network (a mount namespace of its own,
 //! where the program's checkout, build directory, `/tmp` and `/dev/shm` are empty): flows run
-//! there, values pass to and from it, and a program that is not shipped fails there clearly.
+//! there, values pass to and from it, the program is shipped once and without its debug info,
+//! and a program that is not shipped fails there clearly.
 
 mod support;
 
@@ -23,6 +24,23 @@ impl RunObserver for Warnings {
             self.0.lock().unwrap().push(record.message.clone());
         }
     }
+}
+
+/// The files called `name` under `dir`, at any depth.
+fn files_named(dir: &Path, name: &std::ffi::OsStr) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .flat_map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => files_named(&entry.path(), name),
+            Ok(_) if entry.file_name() == name => vec![entry.path()],
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Where a run on the isolated node finds itself: its node, its executable, and whether it
@@ -130,6 +148,14 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
         warned.iter().filter(|w| w.contains("a local directory, on a Ray cluster of 2 nodes")).collect();
     assert_eq!(unshared.len(), 1, "{warned:#?}");
     assert!(unshared[0].contains("s3://"), "{}", unshared[0]);
+
+    // The three flows shipped the same bytes, which Ray keeps by their hash: the head unpacked
+    // the program once, and without its debug info.
+    let name = Path::new(&program).file_name().unwrap().to_owned();
+    let shipped = files_named(cluster.dir(), &name);
+    assert_eq!(shipped.len(), 1, "one copy of the program on the head: {shipped:#?}");
+    let (shipped_size, program_size) = (file_size(&shipped[0]), file_size(Path::new(&program)));
+    assert!(shipped_size < program_size, "shipped {shipped_size} bytes of a {program_size}-byte program");
 
     // Not shipped, the program is not there: the run says so.
     #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token).ship_executor(false))]

@@ -39,6 +39,7 @@ pub(crate) struct BridgeConfig {
     pub(crate) init_kwargs: Map<String, Value>,
     pub(crate) python: Option<PathBuf>,
     pub(crate) ship_executor: bool,
+    pub(crate) ship_debug_info: bool,
     pub(crate) max_in_flight: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) auth_token: Option<String>,
