@@ -1,5 +1,5 @@
-//! The crates as a user gets them: packaged with `cargo package` (which builds each one from
-//! its package, so a file missing from a package fails here), then used by a fresh crate
+//! The crates as a user gets them: packaged with `cargo publish --dry-run` (which builds each
+//! one from its package, so a file missing from a package fails here), then used by a fresh crate
 //! outside the workspace, made of the README's "Your first project" files, set up the way
 //! that section says and nothing more: `cargo run` (whose first flow installs Ray into an
 //! empty cache directory) and `cargo test`, each running flows on a temporary Ray instance.
@@ -19,9 +19,12 @@ const GUIDE_MARK: &str = "<!-- first-project: ";
 pub(crate) fn check(root: &Path) -> Result {
     eprintln!("xtask: packaging the crates, then running a flow from a crate of a user's own");
     forget_earlier_packages();
-    let mut package = cargo();
-    package.args(["package", "--workspace", "--exclude", "xtask", "--exclude", "prefect-ray-bench", "--allow-dirty"]);
-    run(package.arg("--quiet"))?;
+    // What `cargo publish` does short of the upload, for each crate in dependency order:
+    // package it, check its metadata, and build it from its package against the packages
+    // before it (so a file missing from a package, such as the bridge's Python, fails here).
+    let mut publish = cargo();
+    publish.args(["publish", "--dry-run", "--workspace", "--exclude", "xtask", "--exclude", "prefect-ray-bench"]);
+    run(publish.args(["--allow-dirty", "--quiet"]))?;
 
     let home = std::env::temp_dir().join(format!("prefect-downstream-{}", std::process::id()));
     let outcome = run_downstream(root, &home);
@@ -29,7 +32,7 @@ pub(crate) fn check(root: &Path) -> Result {
     outcome
 }
 
-/// `cargo package` checks each crate against the others through a registry of its own,
+/// Packaging checks each crate against the others through a registry of its own,
 /// whose crates Cargo extracts under `$CARGO_HOME/registry/src/-<hash of its path>/` and
 /// never extracts again: a checkout at a path used before would be checked against the
 /// crates packaged then. Those directories (only local registries' names start with `-`)
