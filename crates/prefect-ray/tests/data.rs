@@ -116,3 +116,19 @@ fn values_over_two_gib_pass_both_ways() {
     let (length, sum, back) = both_ways(&cluster).unwrap();
     assert_eq!((length, sum, back), (SIZE + 1, SIZE as u64 + 9, SIZE + 1));
 }
+
+/// Values larger than the object store's memory (80 MB here) still pass, made by a task and
+/// sent by the program: Ray spills them or falls back to memory outside the store.
+#[test]
+fn values_larger_than_the_object_store_pass() {
+    use prefect_ray::RayTaskRunner;
+    let store = serde_json::json!({"object_store_memory": 80 * MEGABYTE, "num_cpus": 1});
+    #[flow(task_runner = RayTaskRunner::new().init_kwargs(store.clone()))]
+    fn larger_than_the_store(store: serde_json::Value) -> (usize, (usize, u64)) {
+        let made = produce.submit(150).result().unwrap().len();
+        let sent = consume.submit(ByteBuf::from(vec![1u8; 150 * MEGABYTE])).result().unwrap();
+        (made, sent)
+    }
+    let size = 150 * MEGABYTE;
+    assert_eq!(larger_than_the_store(store).unwrap(), (size, (size, size as u64)));
+}
