@@ -3,7 +3,7 @@
 //!
 //! `bench <case> [args]` runs one case and prints one JSON object on stdout:
 //! - `noop <n> ray|submit|threads`: n no-op tasks and their results gathered: a map on
-//!   Ray (batched), one `submit` per run on Ray, or a map on the thread pool;
+//!   Ray (batched), one `submit` per run on Ray (a loop), or a map on the thread pool;
 //! - `tree <leaves>`: a binary-tree reduction, futures passed as arguments;
 //! - `montecarlo <tasks> <samples>`: a Monte Carlo estimate of pi, split over tasks, and the
 //!   same samples on one thread;
@@ -93,7 +93,8 @@ fn noop_on_ray(n: u64) -> f64 {
     timed_noop_map(n)
 }
 
-/// One `submit` per run: each run is a Ray task of its own (no batching).
+/// One `submit` per run, in a loop: each run a task run of its own; the submissions that pile
+/// up while Ray takes tasks go to it in batches (the bridge joins them).
 #[flow(task_runner = ray())]
 fn noop_submitted_on_ray(n: u64) -> f64 {
     warm_up();

@@ -348,7 +348,7 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
         show(f("noop", "ours_reporting_to_prefect_tasks_per_s"))
     ));
     out.push_str(&format!(
-        "| no-op tasks per second, one `submit` per task (one Ray task each) | {} | {} | | {} | |\n",
+        "| no-op tasks per second, one `submit` per task, in a loop | {} | {} | | {} | |\n",
         show(f("noop", "ours_one_submit_per_task_tasks_per_s")),
         show(f("noop", "ray_tasks_per_s")),
         times(f("noop", "one_submit_per_task_ratio_to_ray"))

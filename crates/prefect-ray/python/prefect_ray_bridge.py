@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NoReturn
 
 from prefect_ray_worker.protocol import EXIT_NO_RAY
@@ -55,6 +55,7 @@ from prefect_ray_worker.driver import (
     VersionMismatch,
     classify,
     client_version_mismatch,
+    join_submissions,
     probe,
     route_logs,
     unmet_request,
@@ -188,6 +189,7 @@ class Bridge:
         self.ray_tasks = 0
         self.infeasible: dict[int, str] = {}
         self.nodes: list[dict[str, Any]] = []
+        self.cpus = 1.0
         self.nodes_at = 0.0
         self.started_local = False
 
@@ -240,10 +242,11 @@ class Bridge:
             stream_live_output(self.send_live, through_client=False)
         self.refresh_nodes(force=True)
         alive = [node for node in self.nodes if node.get("Alive")]
+        self.cpus = float(sum(node.get("Resources", {}).get("CPU", 0) for node in alive))
         self.writer.send(
             ClusterInfo(
                 nodes=len(alive),
-                cpus=float(sum(node.get("Resources", {}).get("CPU", 0) for node in alive)),
+                cpus=self.cpus,
                 dashboard_url=getattr(context, "dashboard_url", None) or "",
                 ray_version=ray.__version__,
                 started_local=self.started_local,
@@ -408,6 +411,11 @@ class Bridge:
         )
         self.writer.send(StatsReply(command.request, stats))
 
+    def joined(self, commands: list[Any]) -> Iterator[Any]:
+        """`commands`, with submissions that piled up joined into batches."""
+        max_batch = int(self.config.get("max_batch") or 1)
+        return join_submissions(commands, self.cpus, max_batch, lambda function: function in self.batch_functions)
+
     def handle(self, command: Any) -> None:
         handlers: dict[type, Callable[[Any], None]] = {
             Define: self.define,
@@ -459,22 +467,41 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else "no details"
 
 
+#: The most bytes of commands read at once: a pipe holds 64 KiB, more when the program
+#: writes while the bridge reads.
+READ_SIZE = 1 << 18
+
+
 def run_commands(bridge: Bridge, commands: BinaryIO) -> None:
     """Runs commands until `shutdown` or the end of input. A command that fails is logged
-    and the next one runs; an error of the stream itself ends the bridge."""
-    unpacker = msgpack.Unpacker(commands, raw=False, read_size=1 << 16, max_buffer_size=MAX_COMMAND)
-    for message in unpacker:
-        try:
-            command = decode_command(message)
-        except UnknownCommand as error:
-            LOG.warning("%s", error)
-            continue
-        if command is None:
+    and the next one runs; an error of the stream itself ends the bridge. The commands that
+    arrived together are handled together, which lets submissions that piled up go to Ray
+    in batches (`join_submissions`)."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_COMMAND)
+    while True:
+        data = commands.read(READ_SIZE)
+        if not data:
             return
-        try:
-            bridge.handle(command)
-        except Exception:
-            LOG.exception("command %s failed", type(command).__name__)
+        unpacker.feed(data)
+        arrived: list[Any] = []
+        ended = False
+        for message in unpacker:
+            try:
+                command = decode_command(message)
+            except UnknownCommand as error:
+                LOG.warning("%s", error)
+                continue
+            if command is None:
+                ended = True
+                break
+            arrived.append(command)
+        for command in bridge.joined(arrived):
+            try:
+                bridge.handle(command)
+            except Exception:
+                LOG.exception("command %s failed", type(command).__name__)
+        if ended:
+            return
 
 
 def serve(commands: BinaryIO, writer: Writer, config: dict[str, Any]) -> int:

@@ -108,8 +108,9 @@ impl RayTaskRunner {
         self
     }
 
-    /// At most this many runs of a map in one Ray task (64 by default; 1 turns batching off).
-    /// Runs of a map are batched only when there are many more of them than CPUs.
+    /// At most this many runs of a map, or of submissions that pile up, in one Ray task (64 by
+    /// default; 1 turns batching off). Runs are batched only when there are many more of them
+    /// than CPUs.
     pub fn max_batch(mut self, runs: usize) -> Self {
         self.config.max_batch = runs.max(1);
         self

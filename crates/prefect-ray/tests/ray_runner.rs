@@ -615,8 +615,39 @@ fn a_big_map_goes_in_batches_and_every_run_keeps_its_own_state_and_value() {
     assert_eq!(after_unlucky.name, "NotReady", "{after_unlucky}");
 }
 
+/// What a loop of submissions left behind: each run's id, state and value, how many Ray
+/// tasks ran them, and how many ran a lone submission before them.
+type Submitted = (Vec<(uuid::Uuid, State, Option<u32>)>, u64, u64);
+
 #[test]
-fn max_batch_one_sends_every_run_of_a_map_alone() {
+fn submissions_that_pile_up_go_in_batches_and_every_run_keeps_its_own_state_and_value() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn submitted(cluster: &Cluster) -> Submitted {
+        let ray_tasks = || prefect_ray::diagnostics::bridge_stats().unwrap().ray_tasks;
+        let before = ray_tasks();
+        assert_eq!(square_unless_unlucky.submit(3).result().unwrap(), 9);
+        let lone = ray_tasks() - before;
+        // Submitted far faster than Ray takes tasks: they pile up in the bridge's input.
+        let futures: Vec<_> = (0..400u32).map(|n| square_unless_unlucky.submit(n)).collect();
+        let runs = futures.iter().map(|f| (f.task_run_id(), f.wait(None).unwrap(), f.result().ok())).collect();
+        (runs, ray_tasks() - before - lone, lone)
+    }
+    let (runs, ray_tasks, lone) = submitted(&cluster).unwrap();
+    assert_eq!(lone, 1, "a lone submission is a Ray task of its own");
+    assert!(ray_tasks < 400, "400 submissions went to Ray in batches: {ray_tasks} Ray tasks");
+    let ids: std::collections::HashSet<_> = runs.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids.len(), 400, "every run is a task run of its own");
+    for (number, (_, state, value)) in runs.iter().enumerate() {
+        match number {
+            13 | 27 => assert!(state.is_failed(), "run {number}: {state}"),
+            n => assert_eq!((state.is_completed(), *value), (true, Some((n * n) as u32)), "run {n}: {state}"),
+        }
+    }
+}
+
+#[test]
+fn max_batch_one_sends_every_run_of_a_map_and_of_a_loop_alone() {
     let cluster = cluster();
     #[flow(task_runner = cluster.runner().max_batch(1))]
     fn unbatched(cluster: &Cluster) -> u64 {
@@ -624,9 +655,13 @@ fn max_batch_one_sends_every_run_of_a_map_alone() {
         square_unless_unlucky.map(100..160u32).iter().for_each(|f| {
             f.wait(None);
         });
+        let submitted: Vec<_> = (100..300u32).map(|n| square_unless_unlucky.submit(n)).collect();
+        submitted.iter().for_each(|f| {
+            f.wait(None);
+        });
         prefect_ray::diagnostics::bridge_stats().unwrap().ray_tasks - before
     }
-    assert_eq!(unbatched(&cluster).unwrap(), 60);
+    assert_eq!(unbatched(&cluster).unwrap(), 260);
 }
 
 #[test]

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from .protocol import FailureKind, LogLevel, LogRecord
+import msgpack
+
+from .protocol import MANY_RUNS, ONE_RUN, Dependencies, FailureKind, LogLevel, LogRecord, Submit, SubmitBatch
 
 
 class Unreachable(Exception):
@@ -201,3 +203,60 @@ def route_logs(send: Callable[[LogRecord], None], loggers: Iterable[str] = ("", 
                 logger.removeHandler(old)
         logger.addHandler(handler)
     return handler
+
+
+def join_submissions(commands: list[Any], cpus: float, max_batch: int, batchable: Callable[[int], bool]) -> Iterator[Any]:
+    """The commands that arrived together, with the submissions that piled up joined into
+    batches: the bridge's answer to a flow that submits runs faster than Ray takes tasks.
+
+    A run of consecutive `Submit`s of one function (inline calls, none taking or waiting for
+    another of the run) becomes `SubmitBatch`es the way the program batches a map: only when
+    there are many more runs than CPUs, leaving at least eight batches per CPU, at most
+    `max_batch` runs each. A lone submission, or a few, stay as they are, and nothing waits
+    for more to arrive. Each run stays a task run of its own.
+
+    Lazy: `batchable(function)` (whether the function has a batch form) is asked when its
+    first submission is reached, after the commands before it (its `Define`) have been handled."""
+    index = 0
+    while index < len(commands):
+        first = commands[index]
+        if not (_inline_submit(first) and batchable(first.function)):
+            yield first
+            index += 1
+            continue
+        group = [first]
+        keys = {first.key}
+        index += 1
+        while index < len(commands):
+            following = commands[index]
+            if not _inline_submit(following) or following.function != first.function:
+                break
+            if keys.intersection(following.value_keys) or keys.intersection(following.report_keys):
+                break
+            group.append(following)
+            keys.add(following.key)
+            index += 1
+        yield from _batches(group, cpus, max_batch)
+
+
+def _inline_submit(command: Any) -> bool:
+    return isinstance(command, Submit) and command.call[:1] == bytes([ONE_RUN])
+
+
+def _batches(group: list[Submit], cpus: float, max_batch: int) -> Iterator[Submit | SubmitBatch]:
+    size = min(max_batch, int(len(group) // (8 * max(cpus, 1.0))))
+    if size <= 1:
+        yield from group
+        return
+    for start in range(0, len(group), size):
+        chunk = group[start : start + size]
+        if len(chunk) == 1:
+            yield chunk[0]
+            continue
+        headers = [bytes(submit.call[1:]) for submit in chunk]
+        yield SubmitBatch(
+            keys=[submit.key for submit in chunk],
+            function=chunk[0].function,
+            call=bytes([MANY_RUNS]) + msgpack.packb(headers, use_bin_type=True),
+            dependencies=[Dependencies(submit.value_keys, submit.report_keys) for submit in chunk],
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import pytest
 import ray.exceptions
@@ -137,3 +138,63 @@ def test_a_ray_client_connection_to_other_versions_is_refused_by_ray_client_s_ru
     other_ray = client_version_mismatch(server, "2.59.0", "3.11.7")
     assert other_ray is not None and "has Ray 2.59.0" in other_ray
     assert client_version_mismatch(SimpleNamespace(), "2.60.0", "3.11.7") is None, "a context without versions"
+
+
+def _submits(count: int, function: int = 0, first_key: int = 0) -> list[Any]:
+    from prefect_ray_worker.protocol import ONE_RUN, Submit
+
+    return [Submit(first_key + n, function, bytes([ONE_RUN]) + b"\x80", [], []) for n in range(count)]
+
+
+def test_a_few_submissions_stay_one_ray_task_each() -> None:
+    from prefect_ray_worker.driver import join_submissions
+
+    submits = _submits(8)
+    assert list(join_submissions(submits, 1.0, 64, lambda f: True)) == submits, "8 runs on 1 CPU: no batch"
+    assert list(join_submissions(_submits(1), 1.0, 64, lambda f: True)) == _submits(1)
+    many = _submits(100)
+    assert list(join_submissions(many, 1.0, 1, lambda f: True)) == many, "max_batch 1 turns joining off"
+    assert list(join_submissions(many, 1.0, 64, lambda f: False)) == many, "a function without a batch form"
+
+
+def test_piled_up_submissions_become_batches_as_the_program_encodes_them() -> None:
+    from prefect_ray_worker.driver import join_submissions
+    from prefect_ray_worker.protocol import Dependencies, SubmitBatch
+
+    joined = list(join_submissions(_submits(16), 1.0, 64, lambda f: True))
+    assert len(joined) == 8 and all(isinstance(batch, SubmitBatch) for batch in joined), "eight batches per CPU"
+    assert [batch.keys for batch in joined] == [[n, n + 1] for n in range(0, 16, 2)]
+    # The same bytes as the golden SubmitBatch call of two runs whose headers are b"\x80".
+    assert joined[0].call == bytes([1, 0x92, 0xC4, 0x01, 0x80, 0xC4, 0x01, 0x80])
+    assert joined[0].dependencies == [Dependencies([], []), Dependencies([], [])]
+    large = list(join_submissions(_submits(2000), 2.0, 64, lambda f: True))
+    assert [len(batch.keys) for batch in large[:2]] == [64, 64] and len(large) == 32, "at most max_batch runs"
+
+
+def test_a_run_that_takes_another_s_value_or_another_function_ends_a_group() -> None:
+    from prefect_ray_worker.driver import join_submissions
+    from prefect_ray_worker.protocol import IN_FILE, Submit, SubmitBatch
+
+    dependent = Submit(16, 0, bytes([0]) + b"\x80", [3], [])
+    other_function = _submits(16, function=1, first_key=17)
+    in_file = Submit(33, 1, bytes([IN_FILE]) + b"/dev/shm/x", [], [])
+    commands = [*_submits(16), dependent, *other_function, in_file]
+    joined = list(join_submissions(commands, 1.0, 64, lambda f: True))
+    batches = [c for c in joined if isinstance(c, SubmitBatch)]
+    assert [b.keys[0] for b in batches] == list(range(0, 16, 2)) + list(range(17, 33, 2))
+    assert {b.function for b in batches[8:]} == {1}
+    assert dependent in joined, "a run that takes a value of the group is not joined with it"
+    assert joined[-1] == in_file, "a call in a shared-memory file goes as it came"
+
+
+def test_whether_a_function_has_a_batch_form_is_asked_after_the_commands_before_it() -> None:
+    from prefect_ray_worker.driver import join_submissions
+
+    defined: set[int] = set()
+    commands: list[Any] = ["define 0", *_submits(16)]
+    for command in join_submissions(commands, 1.0, 64, lambda f: f in defined):
+        if command == "define 0":
+            defined.add(0)
+    assert defined == {0}
+    joined = join_submissions(["define 0", *_submits(16)], 1.0, 64, lambda f: f in set())
+    assert len(list(joined)) == 17, "undefined: nothing joined"

@@ -129,6 +129,7 @@ def test_the_configuration_is_a_map_of_named_keys() -> None:
         "worker_package": "/tmp/prefect-ray-x/modules/prefect_ray_worker",
         "own_dir": "/tmp/prefect-ray-x",
         "executor": f"{SHIPPED_PREFIX}count_to",
+        "max_batch": 64,
     }
 
 

@@ -30,6 +30,7 @@ pub(super) fn handshake(mut launched: Launched, config: &BridgeConfig) -> Result
         worker_package: launched.package.to_string_lossy().into_owned(),
         own_dir: launched.temp_dir.path().to_string_lossy().into_owned(),
         executor: launched.executor.clone(),
+        max_batch: u32::try_from(config.max_batch).unwrap_or(u32::MAX),
     };
     let mut commands = BufWriter::new(launched.child.stdin.take().expect("piped"));
     let sent = write_message_named(&mut commands, &message).and_then(|()| commands.flush());

@@ -48,6 +48,7 @@ fn golden_config() {
         worker_package: "/tmp/prefect-ray-x/modules/prefect_ray_worker".into(),
         own_dir: "/tmp/prefect-ray-x".into(),
         executor: format!("{SHIPPED_PREFIX}count_to"),
+        max_batch: 64,
     };
     golden("config.msgpack", &config, true);
 }

@@ -76,6 +76,9 @@ pub(crate) struct Config {
     pub(crate) own_dir: String,
     /// The executor: an absolute path, or [`SHIPPED_PREFIX`] and a file name.
     pub(crate) executor: String,
+    /// At most this many runs in one Ray task when the bridge joins submissions that pile
+    /// up into batches (1: never).
+    pub(crate) max_batch: u32,
 }
 
 /// A command from the program to the bridge.
