@@ -159,9 +159,11 @@ fn data(megabytes: u64) -> (f64, u64, u64, u64) {
     (seconds, length, bridge_before, bridge_peak)
 }
 
+/// The map's time, and the bridge's peak memory by its end.
 #[flow(task_runner = ray())]
-fn scale(n: u64) -> f64 {
-    timed_noop_map(n)
+fn scale(n: u64) -> (f64, u64) {
+    let seconds = timed_noop_map(n);
+    (seconds, prefect_ray::diagnostics::bridge_stats().map_or(0, |stats| stats.peak_rss_bytes))
 }
 
 #[flow(task_runner = ray())]
@@ -219,8 +221,13 @@ fn main() {
         }
         "scale" => {
             let n = arg(&args, 1, 100_000);
-            let seconds = scale(n).expect("the flow completes");
-            json!({"seconds": seconds, "tasks_per_s": n as f64 / seconds, "driver_peak_mb": (peak_rss_bytes() >> 20) as f64})
+            let (seconds, bridge_peak) = scale(n).expect("the flow completes");
+            json!({
+                "seconds": seconds,
+                "tasks_per_s": n as f64 / seconds,
+                "driver_peak_mb": (peak_rss_bytes() >> 20) as f64,
+                "bridge_peak_mb": (bridge_peak >> 20) as f64,
+            })
         }
         "startup" => {
             let started = Instant::now();

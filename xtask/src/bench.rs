@@ -41,7 +41,7 @@ const FULL: Sizes = Sizes {
     chain: 500,
     montecarlo: (16, 40_000_000),
     data_megabytes: 100,
-    scale: 100_000,
+    scale: 1_000_000,
 };
 
 /// One system's figures of one case, over rounds.
@@ -308,6 +308,7 @@ fn summarize(samples: &BTreeMap<&str, Samples>, sizes: &Sizes) -> Value {
             "ours_seconds": get("scale", "ours.seconds"),
             "ours_tasks_per_s": get("scale", "ours.tasks_per_s"),
             "ours_driver_peak_mb": get("scale", "ours.driver_peak_mb"),
+            "ours_bridge_peak_mb": get("scale", "ours.bridge_peak_mb"),
         }),
     );
     Value::Object(results)
@@ -400,10 +401,11 @@ fn table(results: &Value, sizes: &Sizes, quick: bool) -> String {
         times(f("startup", "time_ratio_to_ray"))
     ));
     out.push_str(&format!(
-        "| a {}-task map (s), {} tasks/s, driver peak {} MB | {} | | | | |\n",
+        "| a {}-task map (s), {} tasks/s, driver peak {} MB, bridge peak {} MB | {} | | | | |\n",
         sizes.scale,
         show(f("scale", "ours_tasks_per_s")),
         show(f("scale", "ours_driver_peak_mb")),
+        show(f("scale", "ours_bridge_peak_mb")),
         show(f("scale", "ours_seconds"))
     ));
     out
