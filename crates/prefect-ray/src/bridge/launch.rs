@@ -117,7 +117,7 @@ fn executor(config: &BridgeConfig, package: &Path) -> Result<String, RayError> {
 
 /// Writes `executable` without its debug info to `shipped` (`objcopy --strip-debug`, which
 /// keeps the symbols, so a panic's backtrace still names its functions): what Ray uploads
-/// shrinks by a fifth for a build with line tables and by half or more for one with full
+/// shrinks by a fifth for a build with line tables and by nearly half or more for one with full
 /// debug info. The same build strips to the same bytes, so Ray, which keys uploaded
 /// packages by content, does not upload it again. Returns whether it did; without binutils'
 /// `objcopy` the program ships whole.

@@ -22,7 +22,7 @@ pub(super) fn is_ready(env: &Path) -> bool {
 }
 
 /// Installs Ray into `env` (unless another program did so meanwhile) and returns its Python.
-/// Says on stderr what it does, with pip's own progress, since it takes a minute or two.
+/// Says on stderr what it does, with pip's own progress, since it takes about a minute.
 pub(super) fn install(env: &Path) -> Result<PathBuf, RayError> {
     let failed = |reason: &str| {
         let (env, reason) = (env.to_path_buf(), reason.to_string());
@@ -42,7 +42,7 @@ pub(super) fn install(env: &Path) -> Result<PathBuf, RayError> {
     }
     eprintln!(
         "prefect-ray: no Python with Ray found; installing {RAY_REQUIREMENT} into {} (once for all your \
-         programs; a minute or two). Set {PYTHON_ENV} to use a Python of your own, or {PROVISION_ENV}=0 to \
+         programs; about a minute). Set {PYTHON_ENV} to use a Python of your own, or {PROVISION_ENV}=0 to \
          never install.",
         env.display()
     );
