@@ -58,7 +58,7 @@ try {
   const deploymentPage = `${ui}/deployments/deployment/${deployment}`;
 
   // A custom run: the form drawn from the flow's parameter schema. A busy machine can lose
-  // the first submission (the form not yet ready): the form is filled again once.
+  // a submission: the form is filled again once.
   async function customRun(name, highestNumber) {
     for (let attempt = 1; ; attempt += 1) {
       await page.goto(deploymentPage, { waitUntil: 'networkidle', timeout: 60_000 });
@@ -66,13 +66,26 @@ try {
       await page.getByText('Custom run', { exact: true }).click();
       await page.getByText('highest_number', { exact: true }).waitFor({ timeout: 30_000 });
       await page.waitForLoadState('networkidle', { timeout: 30_000 });
-      await page.locator('input[type=text]').first().fill(name);
-      await page.locator('input[type=number]').first().fill(String(highestNumber));
-      await page.getByRole('button', { name: 'Submit', exact: true }).click();
-      try {
-        return await runNamed(name);
-      } catch (error) {
-        if (attempt >= 2) throw error;
+      // The form fills itself in (a generated run name, the default parameters) after it
+      // shows: filled before that, its values are overwritten, and the run gets another name.
+      const nameField = page.locator('input[type=text]').first();
+      const numberField = page.locator('input[type=number]').first();
+      await until('the form to fill itself in', 30, async () => (await nameField.inputValue()) !== '' && (await numberField.inputValue()) !== '');
+      await nameField.fill(name);
+      await numberField.fill(String(highestNumber));
+      const kept = (await nameField.inputValue()) === name && (await numberField.inputValue()) === String(highestNumber);
+      if (kept) {
+        await page.getByRole('button', { name: 'Submit', exact: true }).click();
+        try {
+          return await runNamed(name);
+        } catch (error) {
+          if (attempt >= 3) {
+            const runs = (await runsOfDeployment()).map((run) => `${run.name} ${JSON.stringify(run.parameters)}`);
+            throw new Error(`${error.message}; the deployment's runs: ${runs.join(', ')}`);
+          }
+        }
+      } else if (attempt >= 3) {
+        throw new Error(`the custom run form did not keep ${name} and ${highestNumber}`);
       }
     }
   }

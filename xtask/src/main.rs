@@ -41,6 +41,9 @@ enum Task {
     /// Starts the shared test cluster and Prefect server, prints the variables that point
     /// tests at them, and keeps them up until Ctrl-C (for running single tests quickly).
     Services,
+    /// Starts the shared services and runs only the end-to-end checks in the Prefect UI
+    /// (headless Chromium): a flow run's page, and a served deployment run from its page.
+    Ui,
     /// Packages the crates and builds the README's first project from them, outside the
     /// workspace: its first run installs Ray into an empty cache directory (the last step of
     /// `test`).
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Services => services(),
         Task::Downstream => downstream::check(&root()),
+        Task::Ui => ui(),
         Task::Bench { quick } => bench::bench(&root(), quick),
     };
     match outcome {
@@ -150,6 +154,14 @@ fn services() -> Result {
     signals.forever().next();
     drop(services);
     Ok(())
+}
+
+fn ui() -> Result {
+    let ray_python = python::ray_venv(&root())?;
+    let prefect_python = python::prefect_venv(&root())?;
+    let services = Services::start(&ray_python, &prefect_python)?;
+    prefect_server::ui_check(&root(), &services.prefect)
+        .and_then(|()| prefect_server::serve_ui_check(&root(), &services.prefect))
 }
 
 fn test(args: &[String]) -> Result {
