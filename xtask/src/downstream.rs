@@ -45,7 +45,7 @@ fn forget_earlier_packages() {
     let Ok(registries) = std::fs::read_dir(&sources) else { return };
     let version = env!("CARGO_PKG_VERSION");
     for registry in registries.flatten().filter(|r| r.file_name().to_string_lossy().starts_with('-')) {
-        for name in ["prefect", "prefect-api", "prefect-macros", "prefect-ray"] {
+        for name in CRATES {
             let _ = std::fs::remove_dir_all(registry.path().join(format!("{name}-{version}")));
         }
     }

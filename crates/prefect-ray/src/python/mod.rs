@@ -99,8 +99,13 @@ fn has_ray(env: &Path) -> bool {
 
 /// Whether `python` can find Ray (it need not exist).
 fn imports_ray(python: &Path) -> bool {
+    answers_yes(python, "import importlib.util, sys; sys.exit(importlib.util.find_spec('ray') is None)")
+}
+
+/// Whether `python` exists and `code` exits successfully under it.
+fn answers_yes(python: &Path, code: &str) -> bool {
     Command::new(python)
-        .args(["-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('ray') is None)"])
+        .args(["-c", code])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

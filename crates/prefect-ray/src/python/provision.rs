@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use super::{PROVISION_ENV, PYTHON_ENV, RAY_REQUIREMENT, python_of};
+use super::{PROVISION_ENV, PYTHON_ENV, RAY_REQUIREMENT, answers_yes, python_of};
 use crate::error::RayError;
 
 /// The file whose presence says that the environment is complete.
@@ -73,12 +73,7 @@ pub(super) fn install(env: &Path) -> Result<PathBuf, RayError> {
 /// `python3` from `PATH` if it is a Python that Ray 2.60 has wheels for.
 fn base_python() -> Option<PathBuf> {
     let python = PathBuf::from("python3");
-    let fits = Command::new(&python)
-        .args(["-c", "import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 13)))"])
-        .stdin(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    fits.then_some(python)
+    answers_yes(&python, "import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 13)))").then_some(python)
 }
 
 /// Runs `command` with its output on this program's stderr (its stdout is the program's
