@@ -278,7 +278,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
         fingerprint: task.fingerprint.to_owned(),
         run_id: spec.run.id(),
         run_name: spec.run.name().to_owned(),
-        args,
+        args: args.iter().map(Arg::view).collect(),
         options: spec.options.clone(),
         upstreams: upstream_names,
         wait_for: wait_names,

@@ -27,7 +27,7 @@ pub use crate::options::{with_remote_options, with_remote_options_async};
 pub use crate::registry::{BodyFuture, LookupError, SyncBody, TaskBody, TaskDefinition, lookup};
 pub use crate::task_engine::{Execution, abandoned_attempts_running, execute, run_here};
 pub use crate::task_run::{RemoteResult, ResultData, TaskRun, TaskRunWriter};
-pub use crate::wire::{Arg, Arguments, assemble};
+pub use crate::wire::{Arg, ArgView, Arguments, assemble};
 
 use crate::error::TaskError;
 use crate::options::TaskOptions;

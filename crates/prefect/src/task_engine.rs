@@ -19,7 +19,7 @@ use crate::results::{Keeper, ResultPlan};
 use crate::runner::TaskRunSpec;
 use crate::state::State;
 use crate::task_run::ResultData;
-use crate::wire::assemble;
+use crate::wire::{Arg, assemble};
 
 /// How a task run ended after all its attempts.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ pub fn run_here(spec: TaskRunSpec) {
         }
     };
     let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
-    let args = assemble(&spec.args, &slices);
+    let args = assemble(spec.args.iter().map(Arg::view), &slices);
     let execution =
         execute(spec.run.task(), &args, &spec.options, spec.results.as_ref(), spec.run.span(), &mut |state| {
             spec.run.set_state(state)
@@ -73,7 +73,8 @@ pub(crate) async fn run_here_async(spec: TaskRunSpec) {
         }
     };
     let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
-    let args: Vec<Vec<u8>> = assemble(&spec.args, &slices).into_iter().map(Cow::into_owned).collect();
+    let args: Vec<Vec<u8>> =
+        assemble(spec.args.iter().map(Arg::view), &slices).into_iter().map(Cow::into_owned).collect();
     let TaskRunSpec { run, options, results, .. } = spec;
     let view = run.run().clone();
     let execution =

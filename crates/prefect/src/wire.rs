@@ -24,6 +24,31 @@ pub enum Arg {
     List(Vec<Arg>),
 }
 
+/// An [`Arg`] that borrows its values from the bytes it was read from: an executor reads a
+/// call's arguments as views into the call it received (shared memory, for a large one), so
+/// a value is not copied before the task decodes it. It has the same wire form as `Arg`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename = "Arg")]
+pub enum ArgView<'a> {
+    /// A MessagePack-encoded value.
+    Value(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    /// The result of upstream task run number `n` of the run's upstream list.
+    Upstream(usize),
+    /// A list whose elements are arguments themselves.
+    List(#[serde(borrow)] Vec<ArgView<'a>>),
+}
+
+impl Arg {
+    /// This argument as a view of its bytes.
+    pub fn view(&self) -> ArgView<'_> {
+        match self {
+            Arg::Value(bytes) => ArgView::Value(bytes),
+            Arg::Upstream(index) => ArgView::Upstream(*index),
+            Arg::List(items) => ArgView::List(items.iter().map(Arg::view).collect()),
+        }
+    }
+}
+
 /// A task's arguments, ready for its body: one MessagePack value per parameter, each
 /// borrowed where it can be (a value, or a whole upstream result) and built only for lists
 /// that hold upstream results.
@@ -45,17 +70,17 @@ pub type Arguments<'a> = Vec<Cow<'a, [u8]>>;
 /// let two = rmp_serde::to_vec(&2u32).unwrap();
 /// let five = rmp_serde::to_vec(&5u32).unwrap();
 /// let args = [Arg::Value(two), Arg::List(vec![Arg::Upstream(0), Arg::Upstream(0)])];
-/// let built = assemble(&args, &[&five]);
+/// let built = assemble(args.iter().map(Arg::view), &[&five]);
 /// let first: u32 = rmp_serde::from_slice(&built[0]).unwrap();
 /// let second: Vec<u32> = rmp_serde::from_slice(&built[1]).unwrap();
 /// assert_eq!((first, second), (2, vec![5, 5]));
 /// ```
-pub fn assemble<'a>(args: &'a [Arg], upstream_results: &[&'a [u8]]) -> Arguments<'a> {
-    fn write(out: &mut Vec<u8>, arg: &Arg, upstream_results: &[&[u8]]) {
+pub fn assemble<'a>(args: impl IntoIterator<Item = ArgView<'a>>, upstream_results: &[&'a [u8]]) -> Arguments<'a> {
+    fn write(out: &mut Vec<u8>, arg: &ArgView<'_>, upstream_results: &[&[u8]]) {
         match arg {
-            Arg::Value(bytes) => out.extend_from_slice(bytes),
-            Arg::Upstream(index) => out.extend_from_slice(upstream_results[*index]),
-            Arg::List(items) => {
+            ArgView::Value(bytes) => out.extend_from_slice(bytes),
+            ArgView::Upstream(index) => out.extend_from_slice(upstream_results[*index]),
+            ArgView::List(items) => {
                 rmp::encode::write_array_len(out, items.len() as u32).expect("writing to a Vec cannot fail");
                 for item in items {
                     write(out, item, upstream_results);
@@ -63,13 +88,13 @@ pub fn assemble<'a>(args: &'a [Arg], upstream_results: &[&'a [u8]]) -> Arguments
             }
         }
     }
-    args.iter()
+    args.into_iter()
         .map(|arg| match arg {
-            Arg::Value(bytes) => Cow::Borrowed(bytes.as_slice()),
-            Arg::Upstream(index) => Cow::Borrowed(upstream_results[*index]),
+            ArgView::Value(bytes) => Cow::Borrowed(bytes),
+            ArgView::Upstream(index) => Cow::Borrowed(upstream_results[index]),
             list => {
                 let mut out = Vec::new();
-                write(&mut out, list, upstream_results);
+                write(&mut out, &list, upstream_results);
                 Cow::Owned(out)
             }
         })
@@ -136,7 +161,7 @@ mod tests {
         let upstream = [rmp_serde::to_vec(&7u32).unwrap(), rmp_serde::to_vec(&9u32).unwrap()];
         let refs: Vec<&[u8]> = upstream.iter().map(Vec::as_slice).collect();
         let args = [value(1), Arg::Upstream(0), Arg::List(vec![Arg::Upstream(1), value(3), Arg::Upstream(0)])];
-        let built = assemble(&args, &refs);
+        let built = assemble(args.iter().map(Arg::view), &refs);
         assert!(matches!(built[0], Cow::Borrowed(_)) && matches!(built[1], Cow::Borrowed(_)), "no copies");
         let decoded: (u32, u32, Vec<u32>) = (
             rmp_serde::from_slice(&built[0]).unwrap(),
@@ -153,5 +178,16 @@ mod tests {
         assert!(bytes.windows(2).any(|w| w == [0xc4, 3]), "values travel as msgpack bin");
         let back: Vec<Arg> = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(back, args);
+    }
+
+    #[test]
+    fn views_have_the_wire_form_of_args_and_borrow_their_values() {
+        let args = vec![Arg::Value(vec![7; 64]), Arg::List(vec![Arg::Upstream(1), Arg::Value(vec![1])])];
+        let bytes = rmp_serde::to_vec_named(&args).unwrap();
+        let views: Vec<ArgView<'_>> = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(views, args.iter().map(Arg::view).collect::<Vec<_>>());
+        let ArgView::Value(value) = views[0] else { panic!("{views:?}") };
+        assert!(bytes.as_ptr_range().contains(&value.as_ptr()), "the value is read in place, not copied");
+        assert_eq!(rmp_serde::to_vec_named(&views).unwrap(), bytes, "and written back the same");
     }
 }

@@ -42,7 +42,7 @@ fn a_task_runs_in_another_process_from_its_key_and_bytes() {
     let factor = rmp_serde::to_vec(&10u32).unwrap();
     // The first argument comes from an "upstream" result, as a runner fills it in.
     let args = [Arg::Upstream(0), Arg::Value(factor)];
-    let args = assemble(&args, &[&values]);
+    let args = assemble(args.iter().map(Arg::view), &[&values]);
     let output = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_executes_a_task_by_key", "--ignored", "--nocapture"])
         .env("TASK_KEY", definition.key)
@@ -61,7 +61,7 @@ fn a_task_runs_in_another_process_from_its_key_and_bytes() {
 fn undecodable_arguments_name_the_task_and_parameter() {
     let definition = scale.definition();
     let args = [Arg::Value(rmp_serde::to_vec("not a list").unwrap()), Arg::Value(vec![0x01])];
-    let args = assemble(&args, &[]);
+    let args = assemble(args.iter().map(Arg::view), &[]);
     let mut states = Vec::new();
     let execution = prefect::runner::execute(
         definition,

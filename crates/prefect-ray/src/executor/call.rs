@@ -100,7 +100,7 @@ fn execute<'a>(
     states: &mut Vec<State>,
     output: &Output,
 ) -> Option<Vec<u8>> {
-    let header = match rmp_serde::from_slice::<CallHeader>(header) {
+    let header = match rmp_serde::from_slice::<CallHeader<'_>>(header) {
         Ok(header) => {
             output.begin(header.run_id, header.output);
             header
@@ -158,7 +158,7 @@ fn execute<'a>(
         )));
         return None;
     }
-    let args = assemble(&header.args, &upstream_values);
+    let args = assemble(header.args, &upstream_values);
     let span = tracing::info_span!("task_run", name = %header.run_name, id = %header.run_id);
     let execution = runner::execute(task, &args, &header.options, header.results.as_ref(), &span, &mut |state| {
         if state.is_running() {

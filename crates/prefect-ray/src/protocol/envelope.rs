@@ -5,16 +5,18 @@
 //! dependent run (or the trampoline) can tell without decoding the rest.
 
 use chrono::{DateTime, Utc};
-use prefect::runner::{Arg, ResultPlan};
+use prefect::runner::{ArgView, ResultPlan};
 use prefect::{State, TaskOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{COMPLETED, INLINE_VALUE_LIMIT, NOT_COMPLETED};
 
-/// Everything an executor needs to run one task run.
+/// Everything an executor needs to run one task run. Its arguments are views: the executor
+/// reads them in place from the call it received, so a large argument is not copied before
+/// the task decodes it.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct CallHeader {
+pub(crate) struct CallHeader<'a> {
     /// The task's registered key.
     pub(crate) task_key: String,
     /// The fingerprint of the task's code in the driver's binary.
@@ -23,8 +25,9 @@ pub(crate) struct CallHeader {
     pub(crate) run_id: Uuid,
     /// The task run's name.
     pub(crate) run_name: String,
-    /// One argument per parameter; `Arg::Upstream(i)` is the value of dependency `i`.
-    pub(crate) args: Vec<Arg>,
+    /// One argument per parameter; `ArgView::Upstream(i)` is the value of dependency `i`.
+    #[serde(borrow)]
+    pub(crate) args: Vec<ArgView<'a>>,
     /// Retries, timeout, tags.
     pub(crate) options: TaskOptions,
     /// The names of the upstream runs whose values follow the header, in order.
