@@ -1,12 +1,15 @@
-//! A node that shares nothing with the program but the network (a mount namespace of its own,
-//! where the program's checkout, build directory, `/tmp` and `/dev/shm` are empty): flows run
-//! there, values pass to and from it, the program is shipped once and without its debug info,
-//! and a program that is not shipped fails there clearly.
+//! A node that shares nothing with the program (a mount namespace of its own, where the
+//! program's checkout, build directory, `/tmp` and `/dev/shm` are empty, and where the machine
+//! allows it a network namespace of its own, at an address of its own): flows run there,
+//! values pass to and from it, the program is shipped once and without its debug info, and a
+//! program that is not shipped fails there clearly. Nothing of its network outlives it.
 
 mod support;
 
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prefect::observe::{LogRecord, RunObserver};
 use prefect::{TaskError, flow, task};
@@ -55,6 +58,42 @@ fn look_around(program: String, checkout: String) -> (String, String, bool, bool
     )
 }
 
+/// The network namespace this process is in, and whether it reaches `port` on 127.0.0.1.
+fn network_seen(port: u16) -> (String, bool) {
+    let namespace = std::fs::read_link("/proc/self/ns/net").unwrap().display().to_string();
+    let reached = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok();
+    (namespace, reached)
+}
+
+#[task(resources = {"isolated": 1})]
+fn network_there(port: u16) -> (String, bool) {
+    network_seen(port)
+}
+
+#[task(resources = {"head": 1})]
+fn network_here(port: u16) -> (String, bool) {
+    network_seen(port)
+}
+
+/// The veth ends in this namespace that lead to `peer`, from `ip -o addr`.
+fn links_to(peer: &str) -> Vec<String> {
+    let output = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!(" peer {peer}/32 ")))
+        .filter_map(|line| line.split_whitespace().nth(1).map(str::to_owned))
+        .collect()
+}
+
+/// This machine's network links, by name.
+fn link_names() -> Vec<String> {
+    let output = std::process::Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1).map(|name| name.split('@').next().unwrap_or(name).to_owned()))
+        .collect()
+}
+
 /// 2 MiB made on the isolated node: too large for the run's report, so it lives in that
 /// node's object store.
 #[task(resources = {"isolated": 1})]
@@ -89,6 +128,14 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
         .expect("a cluster with an isolated node starts");
     let program = std::env::current_exe().unwrap().display().to_string();
     let checkout = env!("CARGO_MANIFEST_DIR").to_owned();
+    // Whether the node has a network of its own here; if not, only its files are its own.
+    let own_network = match LocalCluster::network_isolation() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("skipping the network checks: the node shares the program's network here ({why})");
+            false
+        }
+    };
 
     #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token))]
     fn everywhere(
@@ -118,6 +165,44 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
     );
     let size = 2u64 << 20;
     assert_eq!(sums, [3 * size, 5 * size, 3 * size], "values passed from the node, to it, and back to the program");
+
+    // Its own network: another namespace, at an address of its own, where a port that the
+    // program opened on loopback is out of reach (the head, beside the program, reaches it).
+    // Through Ray Client too, values pass.
+    let (head, node) = (cluster.node_address(0).to_owned(), cluster.node_address(1).to_owned());
+    let links = links_to(&node);
+    if own_network {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        #[flow(task_runner = RayTaskRunner::new().address(address).auth_token(token))]
+        fn networks(address: &str, token: &str, port: u16) -> ((String, bool), (String, bool), u64) {
+            let there = made_there.submit(9);
+            let sum = sum_here.submit(&there).result().unwrap();
+            (network_there.submit(port).result().unwrap(), network_here.submit(port).result().unwrap(), sum)
+        }
+        let program_namespace = std::fs::read_link("/proc/self/ns/net").unwrap().display().to_string();
+        for address in [cluster.gcs_address(), cluster.client_address()] {
+            let ((there, reached_there), (here, reached_here), sum) =
+                networks(address, cluster.auth_token(), port).unwrap();
+            assert_ne!(there, program_namespace, "the node has a network namespace of its own ({address})");
+            assert!(!reached_there, "the node does not reach the program's 127.0.0.1:{port} ({address})");
+            assert_eq!(here, program_namespace, "the head shares the program's network ({address})");
+            assert!(reached_here, "the head reaches 127.0.0.1:{port} ({address})");
+            assert_eq!(sum, 9 * size, "values pass through {address}");
+        }
+        drop(listener);
+        assert!(head.starts_with("198.1") && node.starts_with("198.1") && head != node, "{head}, {node}");
+        assert!(cluster.gcs_address().starts_with(&format!("{head}:")), "{}", cluster.gcs_address());
+        assert!(cluster.client_address().starts_with(&format!("ray://{head}:")), "{}", cluster.client_address());
+        assert_eq!(links.len(), 1, "one link to the node: {links:?}");
+        assert!(links[0].starts_with("prt"), "{links:?}");
+        // The node's traffic stays on that link, on this machine.
+        let route = std::process::Command::new("ip").args(["-o", "route", "get", &node]).output().unwrap();
+        let route = String::from_utf8_lossy(&route.stdout);
+        assert!(route.contains(&format!(" dev {} ", links[0])), "{route}");
+    } else {
+        assert_eq!((head.as_str(), node.as_str()), ("127.0.0.1", "127.0.0.1"));
+    }
 
     // Results are written from the worker: on the isolated node, in its own /tmp, which the
     // program never sees; the second run finds them there.
@@ -170,4 +255,18 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
         error.message().contains(&format!("the program that runs the task is not on this node at {program}")),
         "{error}"
     );
+
+    // Nothing of the node's network outlives the cluster: its link goes with its namespace
+    // (which the kernel tears down a moment after the last process in it).
+    drop(cluster);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = link_names().into_iter().filter(|name| links.contains(name)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "links left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(links_to(&node).is_empty(), "an address left behind");
 }
