@@ -75,7 +75,8 @@ impl Recent {
         let Some(ended) = self.0.iter_mut().find(|ended| ended.run.id() == run) else { return false };
         let (Some(seq), Some(output)) = (line.seq, output_line(line)) else { return true };
         if ended.shown.lines.insert((line.pid, seq)) {
-            let _entered = ended.run.span().enter();
+            let span = ended.run.span();
+            let _entered = span.enter();
             replay(&output);
         }
         true
@@ -103,7 +104,8 @@ pub(crate) fn live(pending: &mut PendingRun, line: LiveLine) {
     match line.seq {
         None if line.stream == "p" => {
             if let Ok(fraction) = line.text.trim().parse::<f64>() {
-                let _entered = pending.run.span().enter();
+                let span = pending.run.span();
+                let _entered = span.enter();
                 prefect::progress(fraction);
             }
         }
@@ -116,7 +118,8 @@ pub(crate) fn live(pending: &mut PendingRun, line: LiveLine) {
         Some(seq) => {
             let Some(output) = output_line(&line) else { return };
             if shown.lines.insert((line.pid, seq)) {
-                let _entered = pending.run.span().enter();
+                let span = pending.run.span();
+                let _entered = span.enter();
                 replay(&output);
             }
         }
@@ -141,7 +144,8 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
         _ => value,
     };
     {
-        let _entered = run.span().enter();
+        let span = run.span();
+        let _entered = span.enter();
         let pid = report.pid;
         let unseen = report.output.iter().enumerate().filter(|(seq, _)| !shown.lines.contains(&(pid, *seq as u64)));
         unseen.for_each(|(_, line)| replay(line));

@@ -20,6 +20,10 @@ use crate::task_engine;
 use crate::task_run::{TaskRun, TaskRunWriter};
 use crate::wire::Arg;
 
+/// How many of a map's runs go to the runner at a time: enough for any runner to batch them
+/// as it would the whole map (the Ray runner's batches stay the same up to 128 CPUs), few
+/// enough that their calls are a small part of a map of millions.
+const SUBMIT_CHUNK: usize = 65_536;
 /// A task with the options its runs will use: what `#[task]` turns a function into, typed by
 /// the value `V` its runs produce.
 ///
@@ -117,18 +121,24 @@ impl<V> Task<V> {
         let count = mapping.count();
         let context = context::current_or_standalone();
         let mut runs = Vec::with_capacity(count);
-        let mut specs = Vec::with_capacity(count);
+        // Together, so a runner can send them together; in chunks, so that a map of millions
+        // does not hold every run's call at once (a chunk is far more than a runner batches).
+        let mut specs = Vec::with_capacity(count.min(SUBMIT_CHUNK));
         for call in mapping.calls(count) {
             match self.prepare(&context, call) {
                 Ok(spec) => {
                     runs.push(spec.run.run().clone());
                     specs.push(spec);
+                    if specs.len() == SUBMIT_CHUNK {
+                        context.runner.submit_many(std::mem::take(&mut specs));
+                    }
                 }
                 Err(run) => runs.push(run),
             }
         }
-        // All at once, so a runner can send them together.
-        context.runner.submit_many(specs);
+        if !specs.is_empty() {
+            context.runner.submit_many(specs);
+        }
         context.recheck_cancellation();
         runs.into_iter().map(PrefectFuture::new).collect()
     }

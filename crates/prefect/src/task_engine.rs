@@ -53,7 +53,7 @@ pub fn run_here(spec: TaskRunSpec) {
     let slices: Vec<&[u8]> = results.iter().map(|result| result.as_slice()).collect();
     let args = assemble(spec.args.iter().map(Arg::view), &slices);
     let execution =
-        execute(spec.run.task(), &args, &spec.options, spec.results.as_ref(), spec.run.span(), &mut |state| {
+        execute(spec.run.task(), &args, &spec.options, spec.results.as_ref(), &spec.run.span(), &mut |state| {
             spec.run.set_state(state)
         });
     spec.run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
@@ -78,8 +78,7 @@ pub(crate) async fn run_here_async(spec: TaskRunSpec) {
     let TaskRunSpec { run, options, results, .. } = spec;
     let view = run.run().clone();
     let execution =
-        execute_async(run.task(), args, options, results, run.span().clone(), move |state| view.enter_state(state))
-            .await;
+        execute_async(run.task(), args, options, results, run.span(), move |state| view.enter_state(state)).await;
     run.finish(execution.state, execution.result.map(|bytes| ResultData::Inline(Arc::new(bytes))));
 }
 

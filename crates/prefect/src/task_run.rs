@@ -63,6 +63,9 @@ struct Progress {
     callbacks: Vec<Callback>,
     wakers: Vec<Waker>,
     runner_data: Option<Arc<dyn Any + Send + Sync>>,
+    /// The run's span while it is in use; none before (a map's runs waiting their turn
+    /// would hold a subscriber's record each) and none once the run has ended.
+    span: Option<tracing::Span>,
 }
 
 struct Inner {
@@ -71,7 +74,8 @@ struct Inner {
     /// still alive once its function has returned.
     futures: AtomicUsize,
     task: &'static TaskDefinition,
-    span: tracing::Span,
+    /// The flow run's span, the parent of this run's.
+    parent: tracing::Span,
     progress: Mutex<Progress>,
     finished: Condvar,
 }
@@ -110,9 +114,21 @@ impl TaskRun {
         self.0.task
     }
 
-    /// The `task_run` tracing span: events inside it are attributed to this run.
-    pub fn span(&self) -> &tracing::Span {
-        &self.0.span
+    /// The `task_run` tracing span: events inside it are attributed to this run. It is made
+    /// when first asked for and kept until the run ends, so that runs waiting their turn by
+    /// the million hold none.
+    pub fn span(&self) -> tracing::Span {
+        if let Some(span) = &self.progress().span {
+            return span.clone();
+        }
+        // Made outside the lock: a subscriber may look at anything while it records a span.
+        let made =
+            tracing::info_span!(parent: &self.0.parent, "task_run", name = %self.0.info.name, id = %self.0.info.id);
+        let mut progress = self.progress();
+        if progress.finished {
+            return made;
+        }
+        progress.span.get_or_insert(made).clone()
     }
 
     /// The run's current state.
@@ -263,7 +279,8 @@ impl TaskRun {
             }
             progress.state = state.clone();
         }
-        let _entered = self.0.span.enter();
+        let span = self.span();
+        let _entered = span.enter();
         tracing::debug!(target: "prefect::task_run", "Entered state {state}");
         observe::task_run_state(&self.0.info, &state);
     }
@@ -282,8 +299,9 @@ impl TaskRun {
             progress.result = result;
             (std::mem::take(&mut progress.callbacks), std::mem::take(&mut progress.wakers))
         };
+        let span = self.span();
         {
-            let _entered = self.0.span.enter();
+            let _entered = span.enter();
             if state.is_completed() {
                 tracing::info!(target: "prefect::task_run", "Finished in state {state}");
             } else {
@@ -293,9 +311,12 @@ impl TaskRun {
         observe::task_run_state(&self.0.info, &state);
         {
             // Before anyone waiting wakes: `.result()` returns after the hooks ran.
-            let _entered = self.0.span.enter();
+            let _entered = span.enter();
             crate::hooks::call_each(self.0.task.hooks.for_state(&state), |hook| hook(self, &state));
         }
+        // Ended, the run needs its span no more (whoever holds a clone keeps it alive).
+        let kept = self.progress().span.take();
+        drop((kept, span));
         self.0.finished.notify_all();
         wakers.into_iter().for_each(Waker::wake);
         for callback in callbacks {
@@ -344,14 +365,13 @@ impl TaskRunWriter {
         parent: &tracing::Span,
         runner: Arc<str>,
     ) -> Self {
-        let span = tracing::info_span!(parent: parent, "task_run", name = %info.name, id = %info.id);
         let state = State::pending();
         observe::task_run_created(&info, &state);
         let run = TaskRun(Arc::new(Inner {
             info,
             futures: AtomicUsize::new(0),
             task,
-            span,
+            parent: parent.clone(),
             progress: Mutex::new(Progress {
                 state,
                 finished: false,
@@ -362,6 +382,7 @@ impl TaskRunWriter {
                 callbacks: Vec::new(),
                 wakers: Vec::new(),
                 runner_data: None,
+                span: None,
             }),
             finished: Condvar::new(),
         }));
@@ -377,7 +398,8 @@ impl TaskRunWriter {
     /// state belongs in [`finish`](Self::finish): given here, it is ignored with a warning.
     pub fn set_state(&self, state: State) {
         if state.is_final() {
-            let _entered = self.run.span().enter();
+            let span = self.run.span();
+            let _entered = span.enter();
             tracing::warn!(target: "prefect::task_run", "{} reported the final state {state} as an intermediate one; ignored", self.runner);
             return;
         }
@@ -486,6 +508,17 @@ mod tests {
         }));
         assert!(outcome.is_err());
         assert!(run.state().message.unwrap().contains("a panic unwound the thread that held it"));
+    }
+
+    #[test]
+    fn a_run_holds_its_span_only_from_first_use_to_its_end() {
+        let writer = writer();
+        let run = writer.run().clone();
+        assert!(run.progress().span.is_none(), "a pending run holds no span");
+        writer.set_state(State::running());
+        assert!(run.progress().span.is_some(), "a running run keeps the one it logged in");
+        writer.finish(State::completed(), None);
+        assert!(run.progress().span.is_none(), "an ended run lets it go");
     }
 
     #[test]
