@@ -174,6 +174,12 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
         run.set_state(state);
     }
     let value = if last.is_completed() { value } else { None };
+    if !matches!(value, Some(ResultData::Remote(_))) {
+        // Its value came with the report, or it has none: the bridge need not keep the Ray
+        // objects (a run that depends on it later gets the value from here), so a map of
+        // millions does not keep millions of Ray objects alive in the bridge.
+        run.clear_runner_data();
+    }
     run.finish(last, value);
 }
 

@@ -234,6 +234,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
     let task = spec.run.task();
     let mut value_keys = Vec::new();
     let mut upstream_names = Vec::new();
+    let mut objects = Vec::new();
     let mut replacements = Vec::with_capacity(spec.upstreams.len());
     for upstream in &spec.upstreams {
         match upstream.runner_data::<RayObject>().filter(|object| object.belongs_to(shared)) {
@@ -241,6 +242,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
                 replacements.push(Arg::Upstream(value_keys.len()));
                 value_keys.push(object.key);
                 upstream_names.push(upstream.name().to_owned());
+                objects.push(object);
             }
             None => match upstream.result_bytes() {
                 Ok(bytes) => replacements.push(Arg::Value(bytes.to_vec())),
@@ -258,6 +260,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
             Some(object) => {
                 report_keys.push(object.key);
                 wait_names.push(waited.name().to_owned());
+                objects.push(object);
             }
             None => {
                 waited.wait(None);
@@ -307,6 +310,7 @@ fn prepare(shared: &Arc<Shared>, spec: TaskRunSpec, output: OutputSettings) -> O
             header,
             value_keys,
             report_keys,
+            objects,
         },
     ))
 }

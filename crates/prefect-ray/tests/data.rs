@@ -132,3 +132,41 @@ fn values_larger_than_the_object_store_pass() {
     let size = 150 * MEGABYTE;
     assert_eq!(larger_than_the_store(store).unwrap(), (size, (size, size as u64)));
 }
+
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[task]
+fn add_up(values: Vec<u64>) -> u64 {
+    values.iter().sum()
+}
+
+/// A small value comes with its run's report, so the bridge lets its Ray objects go as soon
+/// as the run ends, though the futures live on (a map of millions would otherwise keep
+/// millions of objects in the bridge), while a large one stays in Ray's object store for as
+/// long as its future does; runs submitted later still get both values.
+#[test]
+fn the_bridge_keeps_ray_objects_only_for_values_that_did_not_come_with_the_report() {
+    let cluster = cluster();
+    #[flow(task_runner = cluster.runner())]
+    fn kept(cluster: &Cluster) -> (u64, u64, u64, (usize, u64)) {
+        let squares = square.map(0..2_000u64);
+        let large = produce.submit(2);
+        squares.iter().for_each(|future| {
+            future.wait(None);
+        });
+        large.wait(None);
+        let held = prefect_ray::diagnostics::bridge_stats().unwrap().objects;
+        // Submitted after the values came: the small ones go with the call, the large one
+        // by its Ray object.
+        let total = add_up.submit(&squares).result().unwrap();
+        let summary = consume.submit(&large).result().unwrap();
+        (held, total, squares.len() as u64, summary)
+    }
+    let (held, total, runs, summary) = kept(&cluster).unwrap();
+    assert!(held <= 1, "the bridge still held {held} objects of {} finished runs", runs + 1);
+    assert_eq!(total, (0..2_000u64).map(|x| x * x).sum::<u64>());
+    assert_eq!(summary, (2 * MEGABYTE, 7 * 2 * MEGABYTE as u64));
+}

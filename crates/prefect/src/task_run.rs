@@ -412,6 +412,16 @@ impl TaskRunWriter {
         self.run.progress().runner_data = Some(data);
     }
 
+    /// Forgets the runner's handle stored with [`set_runner_data`](Self::set_runner_data):
+    /// for a run whose value the runner no longer needs to keep (it came into this process
+    /// with the run's report), so that a dependent run takes it from here and the runner can
+    /// let its copy go.
+    pub fn clear_runner_data(&self) {
+        let data = self.run.progress().runner_data.take();
+        // Dropped outside the lock: a handle may tell its runner when it goes.
+        drop(data);
+    }
+
     /// Ends the run in `state` (a final state, or `NotReady` for a run that never ran
     /// because an upstream run did not complete), with its value for a completed run: logs
     /// the state, wakes everyone waiting, and starts dependent runs.

@@ -87,6 +87,9 @@ pub(crate) struct Call {
     pub(crate) header: Vec<u8>,
     pub(crate) value_keys: Vec<u64>,
     pub(crate) report_keys: Vec<u64>,
+    /// The objects those keys name, held until the call is sent: one that goes sooner is
+    /// released in the bridge, which must not happen before the call that uses it arrives.
+    pub(crate) objects: Vec<Arc<RayObject>>,
 }
 
 /// A task run's value in Ray's object store; released when the last handle goes.
@@ -215,7 +218,7 @@ impl Shared {
     /// Submits a run; its dependencies' values and reports are Ray objects of this bridge.
     /// Blocks while `max_in_flight` runs are unfinished.
     pub(crate) fn submit(self: &Arc<Self>, function: u32, call: Call) {
-        let Call { pending, header, value_keys, report_keys } = call;
+        let Call { pending, header, value_keys, report_keys, objects: _held_until_sent } = call;
         let Some(key) = self.admit(vec![pending]).pop() else { return };
         let call = match self.call_part(&[&[ONE_RUN], &header]) {
             Ok(call) => call,
@@ -232,7 +235,9 @@ impl Shared {
         let mut headers = Vec::with_capacity(calls.len());
         let mut dependencies = Vec::with_capacity(calls.len());
         let mut pendings = Vec::with_capacity(calls.len());
-        for Call { pending, header, value_keys, report_keys } in calls {
+        let mut held_until_sent = Vec::new();
+        for Call { pending, header, value_keys, report_keys, objects } in calls {
+            held_until_sent.push(objects);
             headers.push(ByteBuf::from(header));
             dependencies.push(Dependencies { value_keys, report_keys });
             pendings.push(pending);
