@@ -239,16 +239,16 @@ pub struct Event {
 ///
 /// ```
 /// let upstream = uuid::Uuid::new_v4();
-/// let inputs = prefect_api::task_inputs(&[("x".to_owned(), vec![upstream]), ("n".to_owned(), vec![])]);
+/// let inputs = prefect_api::task_inputs(&[("x", vec![upstream]), ("n", vec![])]);
 /// assert_eq!(inputs["x"][0]["input_type"], "task_run");
 /// assert_eq!(inputs["n"], serde_json::json!([]));
 /// ```
-pub fn task_inputs(inputs: &[(String, Vec<Uuid>)]) -> Value {
+pub fn task_inputs(inputs: &[(impl AsRef<str>, Vec<Uuid>)]) -> Value {
     let map: Map<String, Value> = inputs
         .iter()
         .map(|(name, ids)| {
             let edges = ids.iter().map(|id| json!({"input_type": "task_run", "id": id})).collect();
-            (name.clone(), Value::Array(edges))
+            (name.as_ref().to_owned(), Value::Array(edges))
         })
         .collect();
     Value::Object(map)

@@ -168,6 +168,10 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         ::core::concat!(::core::module_path!(), #key_prefix, ::core::line!(), ":", ::core::column!())
     };
     let fingerprint = fingerprint(&function);
+    let key_suffix = format!("-{}", &fingerprint[..8]);
+    let task_key = quote_spanned! { ident.span() =>
+        ::core::concat!(::core::module_path!(), #key_prefix, ::core::line!(), ":", ::core::column!(), #key_suffix)
+    };
     let parameter_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
 
     let (run_name, used) = match &run_name_template {
@@ -284,6 +288,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             name: #name,
             key: #registry_key,
             fingerprint: #fingerprint,
+            task_key: #task_key,
             parameters: &[#(#parameter_names),*],
             options: #handle_type::__options,
             run_name: #run_name,

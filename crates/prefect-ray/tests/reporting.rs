@@ -126,7 +126,7 @@ fn an_ad_hoc_run_cancelled_on_the_server_stops_and_ends_cancelled() {
     fn napping(ids: std::sync::mpsc::Sender<Uuid>) -> Vec<String> {
         ids.send(prefect::runtime::flow_run().unwrap().id).unwrap();
         let naps: Vec<_> = (0..2).map(|_| long_nap.submit(60)).collect();
-        naps.iter().map(|future| future.state().name).collect()
+        naps.iter().map(|future| future.state().name.into_owned()).collect()
     }
     let (ids, id) = std::sync::mpsc::channel();
     let flow = std::thread::spawn(move || napping(ids));

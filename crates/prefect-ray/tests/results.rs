@@ -21,7 +21,7 @@ fn pipeline(address: &str, token: &str, storage: String, steps: u32) -> Vec<(Str
         .into_iter()
         .map(|future| {
             let value = future.result().unwrap();
-            (future.state().name, value, future.task_run().clone())
+            (future.state().name.into_owned(), value, future.task_run().clone())
         })
         .collect()
 }
@@ -140,7 +140,7 @@ fn child_with_s3_storage() {
             .map(|future| {
                 future.wait(None);
                 let state = future.state();
-                state.message.clone().filter(|_| !state.is_completed()).unwrap_or(state.name)
+                state.message.clone().filter(|_| !state.is_completed()).unwrap_or(state.name.into_owned())
             })
             .collect()
     }

@@ -214,7 +214,7 @@ fn flows_run_and_values_pass_on_a_node_that_shares_no_files_with_the_program() {
         });
         let future = made.submit(7);
         let sum = future.result().unwrap().iter().map(|&b| u64::from(b)).sum();
-        (future.state().name, sum)
+        (future.state().name.into_owned(), sum)
     }
     let storage = std::env::temp_dir().join(format!("prefect-results-{}", uuid::Uuid::new_v4().simple()));
     let location = storage.display().to_string();

@@ -20,10 +20,11 @@ use crate::task_engine;
 use crate::task_run::{TaskRun, TaskRunWriter};
 use crate::wire::Arg;
 
-/// How many of a map's runs go to the runner at a time: enough for any runner to batch them
-/// as it would the whole map (the Ray runner's batches stay the same up to 128 CPUs), few
-/// enough that their calls are a small part of a map of millions.
-const SUBMIT_CHUNK: usize = 65_536;
+/// How many of a map's runs go to the runner at a time: enough for a runner to batch them
+/// as it would the whole map (the Ray runner's batches stay the same up to 32 CPUs, and
+/// stay many runs each beyond), few enough that their calls (about 850 bytes each, with
+/// their options) are a small part of a map of millions.
+const SUBMIT_CHUNK: usize = 16_384;
 /// A task with the options its runs will use: what `#[task]` turns a function into, typed by
 /// the value `V` its runs produce.
 ///
@@ -123,14 +124,17 @@ impl<V> Task<V> {
         let mut runs = Vec::with_capacity(count);
         // Together, so a runner can send them together; in chunks, so that a map of millions
         // does not hold every run's call at once (a chunk is far more than a runner batches).
-        let mut specs = Vec::with_capacity(count.min(SUBMIT_CHUNK));
+        let chunk = count.min(SUBMIT_CHUNK);
+        let mut specs = Vec::with_capacity(chunk);
         for call in mapping.calls(count) {
             match self.prepare(&context, call) {
                 Ok(spec) => {
                     runs.push(spec.run.run().clone());
                     specs.push(spec);
-                    if specs.len() == SUBMIT_CHUNK {
-                        context.runner.submit_many(std::mem::take(&mut specs));
+                    if specs.len() == chunk {
+                        // The next chunk's room made at once: grown by doubling, it would
+                        // hold twice a chunk's calls at times.
+                        context.runner.submit_many(std::mem::replace(&mut specs, Vec::with_capacity(chunk)));
                     }
                 }
                 Err(run) => runs.push(run),
@@ -201,8 +205,8 @@ impl<V> Task<V> {
         let info = TaskRunInfo {
             id,
             name,
-            task_name: definition.name.to_owned(),
-            task_key: format!("{}-{}", definition.key, &definition.fingerprint[..8.min(definition.fingerprint.len())]),
+            task_name: definition.name,
+            task_key: definition.task_key,
             dynamic_key: context.next_dynamic_key(definition.key),
             flow_run_id: context.info.as_ref().map(|info| info.id),
             tags: options.tags.clone(),
@@ -244,7 +248,7 @@ fn inputs(
     args: &[Arg],
     upstreams: &[TaskRun],
     wait_for: &[TaskRun],
-) -> Vec<(String, Vec<Uuid>)> {
+) -> Vec<(&'static str, Vec<Uuid>)> {
     fn collect(arg: &Arg, upstreams: &[TaskRun], out: &mut Vec<Uuid>) {
         match arg {
             Arg::Value(_) => {}
@@ -252,18 +256,18 @@ fn inputs(
             Arg::List(items) => items.iter().for_each(|item| collect(item, upstreams, out)),
         }
     }
-    let mut inputs: Vec<(String, Vec<Uuid>)> = definition
+    let mut inputs: Vec<(&'static str, Vec<Uuid>)> = definition
         .parameters
         .iter()
         .zip(args)
         .map(|(parameter, arg)| {
             let mut ids = Vec::new();
             collect(arg, upstreams, &mut ids);
-            ((*parameter).to_owned(), ids)
+            (*parameter, ids)
         })
         .collect();
     if !wait_for.is_empty() {
-        inputs.push(("wait_for".to_owned(), wait_for.iter().map(TaskRun::id).collect()));
+        inputs.push(("wait_for", wait_for.iter().map(TaskRun::id).collect()));
     }
     inputs
 }
@@ -314,7 +318,7 @@ impl Mapping {
             .columns
             .iter()
             .filter_map(|(parameter, column)| match column {
-                MapArg::Each(items) => Some((*parameter, items.len())),
+                MapArg::Each(column) => Some((*parameter, column.len())),
                 MapArg::Shared(..) => None,
             })
             .collect();
@@ -339,7 +343,7 @@ impl Mapping {
             .columns
             .into_iter()
             .map(|(parameter, column)| match column {
-                MapArg::Each(items) => (parameter, Err(items.into_iter())),
+                MapArg::Each(column) => (parameter, Err(column.into_runs())),
                 MapArg::Shared(piece, description) => (parameter, Ok((piece, description))),
             })
             .collect();

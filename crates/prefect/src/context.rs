@@ -19,7 +19,9 @@ use crate::thread_pool::ThreadPoolTaskRunner;
 pub(crate) struct FlowRunContext {
     /// `None` for task runs created outside any flow.
     pub(crate) info: Option<FlowRunInfo>,
-    pub(crate) span: tracing::Span,
+    /// Shared by the flow's task runs, each of which keeps its parent: one pointer a run,
+    /// not a span's 40 bytes.
+    pub(crate) span: Arc<tracing::Span>,
     pub(crate) runner: Arc<dyn TaskRunner>,
     /// The runner's name, for the messages of runs it loses.
     pub(crate) runner_name: Arc<str>,
@@ -39,7 +41,7 @@ impl FlowRunContext {
         let runner_name = runner.name().into();
         Self {
             info,
-            span,
+            span: Arc::new(span),
             runner,
             runner_name,
             tracker: Arc::default(),
@@ -99,11 +101,11 @@ impl FlowRunContext {
     }
 
     /// "0", "1", ...: which run of the task this is within the flow run.
-    pub(crate) fn next_dynamic_key(&self, task_key: &'static str) -> String {
+    pub(crate) fn next_dynamic_key(&self, task_key: &'static str) -> u64 {
         let mut keys = self.dynamic_keys.lock().unwrap_or_else(|p| p.into_inner());
         let next = keys.entry(task_key).or_insert(0);
         *next += 1;
-        (*next - 1).to_string()
+        *next - 1
     }
 }
 
@@ -155,7 +157,7 @@ impl<F: Future> Future for WithContext<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _entered = enter(self.context.clone());
-        let _span = self.context.span.clone().entered();
+        let _span = (*self.context.span).clone().entered();
         self.future.as_mut().poll(cx)
     }
 }

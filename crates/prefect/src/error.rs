@@ -96,7 +96,7 @@ impl TaskError {
     /// The error a task run in `state` stands for, or `None` for a `Completed` state.
     pub fn from_state(task_run: &str, state: &State) -> Option<Self> {
         let task_run = task_run.to_owned();
-        let message = state.message.clone().unwrap_or_else(|| state.name.clone());
+        let message = state.message.clone().unwrap_or_else(|| state.name.to_string());
         Some(match state.state_type {
             StateType::Completed => return None,
             StateType::Failed if state.is_timed_out() => Self::TimedOut { task_run, message },

@@ -201,13 +201,81 @@ pub trait IntoMapArg<T> {
 #[derive(Debug)]
 pub enum MapArg {
     /// One argument per run, with its text for the run name.
-    Each(Vec<(ArgPiece, String)>),
+    Each(Column),
     /// The same argument for every run.
     Shared(ArgPiece, String),
 }
 
-fn describe<T>(argument: &impl IntoArg<T>, show: Option<&dyn Fn(&T) -> String>) -> String {
-    show.map(|show| argument.describe(show)).unwrap_or_default()
+/// A mapped parameter's arguments, one per run. Plain values (the usual case) are kept as
+/// bytes end to end in one buffer rather than as pieces of their own, so a map of millions
+/// holds a few bytes a run until it submits them, not a hundred.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Column {
+    /// The plain values' bytes, in order.
+    bytes: Vec<u8>,
+    /// Where each run's bytes end in `bytes` (a run that is not a plain value adds none).
+    ends: Vec<usize>,
+    /// The runs that are not plain values (futures, lists, errors), by run index, in order.
+    pieces: Vec<(usize, ArgPiece)>,
+    /// Each run's text for the run name template; empty when the template does not use the
+    /// parameter.
+    descriptions: Vec<String>,
+}
+
+impl Column {
+    fn push(&mut self, piece: ArgPiece, description: Option<String>) {
+        match piece {
+            ArgPiece { arg: Arg::Value(bytes), upstreams, error: None } if upstreams.is_empty() => {
+                self.bytes.extend_from_slice(&bytes);
+            }
+            piece => self.pieces.push((self.ends.len(), piece)),
+        }
+        self.ends.push(self.bytes.len());
+        self.descriptions.extend(description);
+    }
+
+    /// How many runs it has arguments for.
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Each run's argument and text, in order.
+    pub(crate) fn into_runs(self) -> ColumnRuns {
+        ColumnRuns {
+            next: 0,
+            bytes: self.bytes,
+            ends: self.ends,
+            pieces: self.pieces.into_iter().peekable(),
+            descriptions: self.descriptions.into_iter(),
+        }
+    }
+}
+
+/// The runs of a [`Column`], one argument and text at a time.
+#[derive(Debug)]
+pub(crate) struct ColumnRuns {
+    next: usize,
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    pieces: std::iter::Peekable<std::vec::IntoIter<(usize, ArgPiece)>>,
+    descriptions: std::vec::IntoIter<String>,
+}
+
+impl Iterator for ColumnRuns {
+    type Item = (ArgPiece, String);
+
+    fn next(&mut self) -> Option<(ArgPiece, String)> {
+        let index = self.next;
+        let end = *self.ends.get(index)?;
+        let start = index.checked_sub(1).map_or(0, |previous| self.ends[previous]);
+        self.next += 1;
+        let piece = match self.pieces.next_if(|(at, _)| *at == index) {
+            Some((_, piece)) => piece,
+            None => ArgPiece { arg: Arg::Value(self.bytes[start..end].to_vec()), upstreams: Vec::new(), error: None },
+        };
+        Some((piece, self.descriptions.next().unwrap_or_default()))
+    }
 }
 
 impl<T, I> IntoMapArg<T> for I
@@ -216,15 +284,17 @@ where
     I::Item: IntoArg<T>,
 {
     fn into_map_arg(self, show: Option<&dyn Fn(&T) -> String>) -> MapArg {
-        MapArg::Each(
-            self.into_iter()
-                .map(|item| {
-                    let text = describe(&item, show);
-                    (item.into_arg(), text)
-                })
-                .collect(),
-        )
+        let mut column = Column::default();
+        for item in self {
+            let description = show.map(|show| item.describe(show));
+            column.push(item.into_arg(), description);
+        }
+        MapArg::Each(column)
     }
+}
+
+fn describe<T>(argument: &impl IntoArg<T>, show: Option<&dyn Fn(&T) -> String>) -> String {
+    show.map(|show| argument.describe(show)).unwrap_or_default()
 }
 
 impl<T, A: IntoArg<T>> IntoMapArg<T> for Unmapped<A> {
@@ -278,5 +348,41 @@ fn renumber(arg: Arg, offsets: &[usize]) -> Arg {
         Arg::Value(bytes) => Arg::Value(bytes),
         Arg::Upstream(index) => Arg::Upstream(offsets[index]),
         Arg::List(items) => Arg::List(items.into_iter().map(|item| renumber(item, offsets)).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_gives_back_each_run_s_argument_and_text_in_order() {
+        let list = ArgPiece::list([ArgPiece::value(&1u8), ArgPiece::value(&2u8)]);
+        let refused = ArgPiece { arg: Arg::Value(Vec::new()), upstreams: Vec::new(), error: Some("no".into()) };
+        let runs =
+            [ArgPiece::value(&300u32), list.clone(), ArgPiece::value(&""), refused.clone(), ArgPiece::value("last")];
+        let mut column = Column::default();
+        for (index, piece) in runs.iter().enumerate() {
+            column.push(piece.clone(), Some(format!("run {index}")));
+        }
+        assert_eq!(column.len(), 5);
+        assert_eq!(column.pieces.len(), 2, "only the list and the refused value are kept as pieces");
+        let back: Vec<(ArgPiece, String)> = column.into_runs().collect();
+        assert_eq!(back.len(), 5);
+        for (index, ((piece, text), expected)) in back.iter().zip(&runs).enumerate() {
+            assert_eq!(piece.arg, expected.arg, "run {index}");
+            assert_eq!(piece.error, expected.error, "run {index}");
+            assert_eq!(text, &format!("run {index}"));
+        }
+    }
+
+    #[test]
+    fn a_column_without_texts_gives_empty_ones() {
+        let mut column = Column::default();
+        column.push(ArgPiece::value(&7u8), None);
+        let back: Vec<(ArgPiece, String)> = column.into_runs().collect();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0.arg, Arg::Value(rmp_serde::to_vec_named(&7u8).unwrap()));
+        assert_eq!(back[0].1, "");
     }
 }

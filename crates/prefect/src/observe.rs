@@ -45,18 +45,18 @@ pub struct TaskRunInfo {
     /// The task run's name, such as `shout-3f2`.
     pub name: String,
     /// The task's display name.
-    pub task_name: String,
+    pub task_name: &'static str,
     /// The task's key: its registered path and a fingerprint of its code.
-    pub task_key: String,
-    /// Which run of the task this is within its flow run: "0", "1", ...
-    pub dynamic_key: String,
+    pub task_key: &'static str,
+    /// Which run of the task this is within its flow run: 0, 1, ...
+    pub dynamic_key: u64,
     /// The flow run it belongs to, if any.
     pub flow_run_id: Option<Uuid>,
     /// Its tags.
     pub tags: Vec<String>,
     /// For each parameter, the upstream task runs whose results feed it; the runs it waits
     /// for without taking their values are listed under `wait_for`.
-    pub inputs: Vec<(String, Vec<Uuid>)>,
+    pub inputs: Vec<(&'static str, Vec<Uuid>)>,
     /// How many retries it may use.
     pub retries: u32,
     /// Its retry delays, in seconds.

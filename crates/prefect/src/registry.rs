@@ -45,6 +45,10 @@ pub struct TaskDefinition {
     /// A hash of the task's source. An executor refuses to run a task whose fingerprint
     /// differs from the caller's, so a stale binary never runs changed code.
     pub fingerprint: &'static str,
+    /// The key its runs are reported under: `key` and the fingerprint's first 8 digits, so
+    /// the Prefect UI tells apart runs of changed code. Made once, at compile time, rather
+    /// than for every run.
+    pub task_key: &'static str,
     /// The parameters' names, in order.
     pub parameters: &'static [&'static str],
     /// The options written in the attribute.

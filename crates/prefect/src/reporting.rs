@@ -288,7 +288,7 @@ fn engine_state(state: &prefect_api::StateRead) -> State {
     };
     State {
         state_type,
-        name: state.name.clone(),
+        name: state.name.clone().into(),
         message: state.message.clone(),
         timestamp: state.timestamp,
         scheduled_time: state
@@ -343,7 +343,7 @@ impl PrefectObserver {
             let task_run = json!({
                 "name": info.name,
                 "task_key": info.task_key,
-                "dynamic_key": info.dynamic_key,
+                "dynamic_key": info.dynamic_key.to_string(),
                 "empirical_policy": prefect_api::task_run_policy(info.retries, &info.retry_delay_seconds),
                 "tags": info.tags,
                 "labels": {},
@@ -440,8 +440,8 @@ impl RunObserver for PrefectObserver {
                 id: task.id,
                 name: task.name.clone(),
                 flow_run_id: None,
-                task_key: task.task_key.clone(),
-                dynamic_key: task.dynamic_key.clone(),
+                task_key: task.task_key.to_owned(),
+                dynamic_key: task.dynamic_key.to_string(),
                 tags: task.tags.clone(),
                 task_inputs: prefect_api::task_inputs(&task.inputs),
                 empirical_policy: prefect_api::task_run_policy(task.retries, &task.retry_delay_seconds),
@@ -650,9 +650,9 @@ mod tests {
         TaskRunInfo {
             id: Uuid::nil(),
             name: "shout-3f2".into(),
-            task_name: "shout".into(),
-            task_key: "shout-key".into(),
-            dynamic_key: "0".into(),
+            task_name: "shout",
+            task_key: "shout-key",
+            dynamic_key: 0,
             flow_run_id: None,
             tags: Vec::new(),
             inputs: Vec::new(),
@@ -697,7 +697,7 @@ mod tests {
         }))
         .unwrap();
         let state = engine_state(&read);
-        assert_eq!((state.state_type, state.name.as_str()), (StateType::Scheduled, "AwaitingRetry"));
+        assert_eq!((state.state_type, &*state.name), (StateType::Scheduled, "AwaitingRetry"));
         assert_eq!(state.scheduled_time.unwrap().to_rfc3339(), "2027-01-15T08:00:05+00:00");
     }
 

@@ -1,5 +1,6 @@
 //! States of flow runs and task runs, with Prefect's names and meanings.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -80,8 +81,9 @@ impl StateType {
 pub struct State {
     /// What the state means to the engine.
     pub state_type: StateType,
-    /// The name shown in logs and in the UI.
-    pub name: String,
+    /// The name shown in logs and in the UI: borrowed for the usual names, so a map of
+    /// millions does not store "Completed" a million times.
+    pub name: Cow<'static, str>,
     /// Why the run is in this state, for failures in particular.
     pub message: Option<String>,
     /// When the run entered this state.
@@ -90,7 +92,8 @@ pub struct State {
     pub scheduled_time: Option<DateTime<Utc>>,
     /// For a `Completed` state: where the run's value was persisted, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub persisted: Option<PersistedResult>,
+    /// Boxed: few runs persist, and every run keeps its state.
+    pub persisted: Option<Box<PersistedResult>>,
 }
 
 impl State {
@@ -98,7 +101,7 @@ impl State {
     pub fn new(state_type: StateType) -> Self {
         Self {
             state_type,
-            name: state_type.default_name().to_owned(),
+            name: Cow::Borrowed(state_type.default_name()),
             message: None,
             timestamp: Utc::now(),
             scheduled_time: None,
@@ -113,8 +116,8 @@ impl State {
     }
 
     /// The same state with another name.
-    pub fn named(mut self, name: &str) -> Self {
-        self.name = name.to_owned();
+    pub fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
         self
     }
 
@@ -163,7 +166,7 @@ impl State {
 
     /// The same state, saying where the run's value was persisted.
     pub fn with_persisted(mut self, persisted: PersistedResult) -> Self {
-        self.persisted = Some(persisted);
+        self.persisted = Some(Box::new(persisted));
         self
     }
 

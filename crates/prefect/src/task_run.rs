@@ -64,8 +64,9 @@ struct Progress {
     wakers: Vec<Waker>,
     runner_data: Option<Arc<dyn Any + Send + Sync>>,
     /// The run's span while it is in use; none before (a map's runs waiting their turn
-    /// would hold a subscriber's record each) and none once the run has ended.
-    span: Option<tracing::Span>,
+    /// would hold a subscriber's record each) and none once the run has ended. Boxed, so
+    /// the many runs without one keep a pointer's room for it, not a span's.
+    span: Option<Box<tracing::Span>>,
 }
 
 struct Inner {
@@ -75,7 +76,7 @@ struct Inner {
     futures: AtomicUsize,
     task: &'static TaskDefinition,
     /// The flow run's span, the parent of this run's.
-    parent: tracing::Span,
+    parent: Arc<tracing::Span>,
     progress: Mutex<Progress>,
     finished: Condvar,
 }
@@ -119,16 +120,16 @@ impl TaskRun {
     /// the million hold none.
     pub fn span(&self) -> tracing::Span {
         if let Some(span) = &self.progress().span {
-            return span.clone();
+            return (**span).clone();
         }
         // Made outside the lock: a subscriber may look at anything while it records a span.
         let made =
-            tracing::info_span!(parent: &self.0.parent, "task_run", name = %self.0.info.name, id = %self.0.info.id);
+            tracing::info_span!(parent: &*self.0.parent, "task_run", name = %self.0.info.name, id = %self.0.info.id);
         let mut progress = self.progress();
         if progress.finished {
             return made;
         }
-        progress.span.get_or_insert(made).clone()
+        (**progress.span.get_or_insert_with(|| Box::new(made))).clone()
     }
 
     /// The run's current state.
@@ -362,7 +363,7 @@ impl TaskRunWriter {
     pub(crate) fn new(
         info: TaskRunInfo,
         task: &'static TaskDefinition,
-        parent: &tracing::Span,
+        parent: &Arc<tracing::Span>,
         runner: Arc<str>,
     ) -> Self {
         let state = State::pending();
@@ -469,6 +470,7 @@ mod tests {
         name: "noop",
         key: "tests::noop",
         fingerprint: "0",
+        task_key: "tests::noop-0",
         parameters: &[],
         options: crate::options::TaskOptions::default,
         run_name: None,
@@ -482,9 +484,9 @@ mod tests {
         let info = TaskRunInfo {
             id: Uuid::new_v4(),
             name: "noop-abc".into(),
-            task_name: "noop".into(),
-            task_key: "tests::noop".into(),
-            dynamic_key: "0".into(),
+            task_name: "noop",
+            task_key: "tests::noop",
+            dynamic_key: 0,
             flow_run_id: None,
             tags: Vec::new(),
             inputs: Vec::new(),
@@ -492,7 +494,7 @@ mod tests {
             retry_delay_seconds: Vec::new(),
             created: Utc::now(),
         };
-        TaskRunWriter::new(info, &NOOP, &tracing::Span::none(), "TestRunner".into())
+        TaskRunWriter::new(info, &NOOP, &Arc::new(tracing::Span::none()), "TestRunner".into())
     }
 
     #[test]

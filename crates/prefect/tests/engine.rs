@@ -123,9 +123,9 @@ fn upstream_futures_become_recorded_task_inputs() {
     }
     let (a, b, total) = graph().unwrap();
     let info = recorder().task_runs.lock().unwrap().iter().find(|r| r.id == total).cloned().unwrap();
-    assert_eq!(info.inputs, vec![("values".to_owned(), vec![a, b])]);
+    assert_eq!(info.inputs, vec![("values", vec![a, b])]);
     let b_info = recorder().task_runs.lock().unwrap().iter().find(|r| r.id == b).cloned().unwrap();
-    assert_eq!(b_info.inputs, vec![("a".to_owned(), vec![a]), ("b".to_owned(), vec![])]);
+    assert_eq!(b_info.inputs, vec![("a", vec![a]), ("b", vec![])]);
 }
 
 #[test]

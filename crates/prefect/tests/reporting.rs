@@ -108,7 +108,7 @@ fn a_flow_run_its_task_runs_their_graph_and_logs_reach_the_server() {
         let info = handle.info();
         assert_eq!(run["name"], info.name);
         assert_eq!(run["task_key"], info.task_key);
-        assert_eq!(run["dynamic_key"], info.dynamic_key);
+        assert_eq!(run["dynamic_key"], info.dynamic_key.to_string());
         assert_eq!(run["tags"], json!(info.tags));
         assert_eq!(run["state_type"], "COMPLETED");
         assert_eq!(run["run_count"], 1);
@@ -125,9 +125,9 @@ fn a_flow_run_its_task_runs_their_graph_and_logs_reach_the_server() {
         assert_eq!(names(&server.task_run_states(handle.id())), ["Pending", "Running", "Completed"]);
     }
     assert_eq!(find(&runs, reported.source.id())["tags"], json!(["source"]));
-    let mut dynamic_keys: Vec<_> = reported.squares.iter().map(|h| h.info().dynamic_key.clone()).collect();
+    let mut dynamic_keys: Vec<_> = reported.squares.iter().map(|h| h.info().dynamic_key).collect();
     dynamic_keys.sort();
-    assert_eq!(dynamic_keys, ["0", "1", "2"]);
+    assert_eq!(dynamic_keys, [0, 1, 2]);
 
     // Upstream runs are task inputs, and the graph the UI draws has them as parents.
     for square_run in &reported.squares {

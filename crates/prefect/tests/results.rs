@@ -39,7 +39,7 @@ fn pipeline(storage: String, steps: u32, options: TaskOptions) -> Vec<(String, R
         .into_iter()
         .map(|future| {
             let value = future.result().unwrap();
-            (future.state().name, value, future.task_run().clone())
+            (future.state().name.into_owned(), value, future.task_run().clone())
         })
         .collect()
 }
@@ -189,7 +189,7 @@ fn a_cache_key_fn_makes_the_key() {
             .map(|(city, step)| {
                 let future = looking.submit(city.to_owned(), step);
                 let value = future.result().unwrap();
-                (future.state().name, value)
+                (future.state().name.into_owned(), value)
             })
             .collect()
     }
@@ -265,7 +265,7 @@ fn async_tasks_are_cached_too() {
             let future = fetching.submit(page);
             let run = future.task_run().clone();
             let value = future.await.unwrap();
-            seen.push((run.state().name, value));
+            seen.push((run.state().name.into_owned(), value));
         }
         seen
     }
@@ -289,7 +289,7 @@ fn never_kept(number: u32) -> u32 {
 fn child_of_persisting(storage: String) -> Option<prefect::results::PersistedResult> {
     let future = plain.with_options(|o| o.result_storage = Some(storage.clone())).submit(5);
     future.wait(None);
-    future.state().persisted
+    future.state().persisted.map(|persisted| *persisted)
 }
 
 /// A flow's `persist_result` is the default of the task runs in it and in its subflows; a

@@ -119,12 +119,14 @@ pub(crate) struct RunReport {
 /// States as `[type, name if not the type's, message, time in µs, scheduled time in µs,
 /// persisted result]`.
 mod compact_states {
+    use std::borrow::Cow;
+
     use chrono::{DateTime, Utc};
     use prefect::results::PersistedResult;
     use prefect::{State, StateType};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    type Wire = (StateType, Option<String>, Option<String>, i64, Option<i64>, Option<PersistedResult>);
+    type Wire = (StateType, Option<Cow<'static, str>>, Option<String>, i64, Option<i64>, Option<Box<PersistedResult>>);
 
     pub(crate) fn serialize<S: Serializer>(states: &[State], serializer: S) -> Result<S::Ok, S::Error> {
         let wire: Vec<Wire> = states
@@ -153,7 +155,7 @@ mod compact_states {
             .into_iter()
             .map(|(state_type, name, message, timestamp, scheduled, persisted)| State {
                 state_type,
-                name: name.unwrap_or_else(|| state_type.default_name().to_owned()),
+                name: name.unwrap_or(Cow::Borrowed(state_type.default_name())),
                 message,
                 timestamp: time(timestamp),
                 scheduled_time: scheduled.map(time),

@@ -36,7 +36,7 @@ pub(super) struct SyncAttempts<B>(pub(super) B);
 impl<R, B: FnMut() -> Result<R, String>> Attempts<R> for SyncAttempts<B> {
     async fn attempt(&mut self, context: &Arc<FlowRunContext>) -> Result<R, AttemptFailure> {
         let _entered = context::enter(context.clone());
-        let _span = context.span.clone().entered();
+        let _span = (*context.span).clone().entered();
         catch_panic(&mut self.0).unwrap_or_else(|panic| Err(flow_panic(panic))).map_err(AttemptFailure::Failed)
     }
 
@@ -73,7 +73,7 @@ where
         let (thread_context, body) = (context.clone(), self.body.clone());
         let spawned = std::thread::Builder::new().name("prefect-flow".into()).spawn(move || {
             let _entered = context::enter(thread_context.clone());
-            let _span = thread_context.span.clone().entered();
+            let _span = (*thread_context.span).clone().entered();
             let mut body = body.lock().unwrap_or_else(|p| p.into_inner());
             let _ = sender.send(catch_panic(&mut *body).unwrap_or_else(|panic| Err(flow_panic(panic))));
         });

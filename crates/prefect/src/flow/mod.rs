@@ -216,8 +216,8 @@ impl FlowRun {
                 task_run: TaskRunInfo {
                     id: task_run_id,
                     name: format!("{}-{}", flow.name, &task_run_id.simple().to_string()[..3]),
-                    task_name: flow.name.to_owned(),
-                    task_key: flow.key.to_owned(),
+                    task_name: flow.name,
+                    task_key: flow.key,
                     dynamic_key: parent.next_dynamic_key(flow.key),
                     flow_run_id: Some(parent_info.id),
                     tags: Vec::new(),
@@ -245,7 +245,7 @@ impl FlowRun {
         let id = info.id;
         let span = match &parent {
             Some(parent) => {
-                tracing::info_span!(parent: &parent.span, "flow_run", name = %name, id = %id)
+                tracing::info_span!(parent: &*parent.span, "flow_run", name = %name, id = %id)
             }
             None => tracing::info_span!(parent: None, "flow_run", name = %name, id = %id),
         };
