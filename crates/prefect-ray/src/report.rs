@@ -140,7 +140,12 @@ pub(crate) fn apply(pending: PendingRun, report: &[u8], value: Option<ResultData
     };
     // A small value came with the report: `.result()` needs no trip to Ray for it.
     let value = match inline_value.map(envelope::decode_value) {
-        Some(Ok(bytes)) => Some(ResultData::Inline(Arc::new(bytes.to_vec()))),
+        Some(Ok(bytes)) => {
+            // Dropped now, not when this function returns: the run's Ray objects are let go
+            // below, before the run ends, so whoever sees it ended sees them released.
+            drop(value);
+            Some(ResultData::Inline(Arc::new(bytes.to_vec())))
+        }
         _ => value,
     };
     {
