@@ -40,7 +40,7 @@ impl RayTaskRunner {
                 ship_executor: true,
                 ship_debug_info: false,
                 max_in_flight: 10_000,
-                max_batch: 64,
+                max_batch: 256,
                 connect_timeout: Duration::from_secs(120),
                 auth_token: None,
             },
@@ -108,9 +108,10 @@ impl RayTaskRunner {
         self
     }
 
-    /// At most this many runs of a map, or of submissions that pile up, in one Ray task (64 by
-    /// default; 1 turns batching off). Runs are batched only when there are many more of them
-    /// than CPUs.
+    /// At most this many runs of a map, or of submissions that pile up, in one Ray task (256
+    /// by default; 1 turns batching off). Runs are batched only when there are many more of
+    /// them than CPUs. Larger batches cost Ray fewer tasks; smaller ones report sooner, as a
+    /// batch's reports arrive together when its last run ends.
     pub fn max_batch(mut self, runs: usize) -> Self {
         self.config.max_batch = runs.max(1);
         self

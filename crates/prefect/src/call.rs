@@ -21,9 +21,9 @@ use crate::task_run::{TaskRun, TaskRunWriter};
 use crate::wire::Arg;
 
 /// How many of a map's runs go to the runner at a time: enough for a runner to batch them
-/// as it would the whole map (the Ray runner's batches stay the same up to 32 CPUs, and
-/// stay many runs each beyond), few enough that their calls (about 850 bytes each, with
-/// their options) are a small part of a map of millions.
+/// as it would the whole map (the Ray runner's batches of 256 stay whole up to 8 CPUs and
+/// hold 64 runs at 32), few enough that their calls (about 850 bytes each, with their
+/// options) are a small part of a map of millions.
 const SUBMIT_CHUNK: usize = 16_384;
 /// A task with the options its runs will use: what `#[task]` turns a function into, typed by
 /// the value `V` its runs produce.
