@@ -100,7 +100,7 @@ impl FlowRunContext {
         self.cancelled.get().map(String::as_str)
     }
 
-    /// "0", "1", ...: which run of the task this is within the flow run.
+    /// 0, 1, ...: which run of the task this is within the flow run.
     pub(crate) fn next_dynamic_key(&self, task_key: &'static str) -> u64 {
         let mut keys = self.dynamic_keys.lock().unwrap_or_else(|p| p.into_inner());
         let next = keys.entry(task_key).or_insert(0);

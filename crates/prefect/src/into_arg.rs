@@ -359,8 +359,7 @@ mod tests {
     fn a_column_gives_back_each_run_s_argument_and_text_in_order() {
         let list = ArgPiece::list([ArgPiece::value(&1u8), ArgPiece::value(&2u8)]);
         let refused = ArgPiece { arg: Arg::Value(Vec::new()), upstreams: Vec::new(), error: Some("no".into()) };
-        let runs =
-            [ArgPiece::value(&300u32), list.clone(), ArgPiece::value(&""), refused.clone(), ArgPiece::value("last")];
+        let runs = [ArgPiece::value(&300u32), list, ArgPiece::value(&""), refused, ArgPiece::value("last")];
         let mut column = Column::default();
         for (index, piece) in runs.iter().enumerate() {
             column.push(piece.clone(), Some(format!("run {index}")));

@@ -90,9 +90,9 @@ pub struct State {
     pub timestamp: DateTime<Utc>,
     /// For a `Scheduled` state: when the run is due to start.
     pub scheduled_time: Option<DateTime<Utc>>,
-    /// For a `Completed` state: where the run's value was persisted, if it was.
+    /// For a `Completed` state: where the run's value was persisted, if it was. Boxed: few
+    /// runs persist, and every run keeps its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    /// Boxed: few runs persist, and every run keeps its state.
     pub persisted: Option<Box<PersistedResult>>,
 }
 
